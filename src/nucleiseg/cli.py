@@ -1,0 +1,259 @@
+"""Command-line interface: a thin layer over the library. Heavy modules are imported after parsing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("nucleiseg")
+
+DEFAULT_TRAIN = "../shared/data/dsb2018/stage1_train"
+DEFAULT_TEST = "../shared/data/dsb2018/stage1_test"
+
+
+def get_parser() -> argparse.ArgumentParser:
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="nucleiseg", description="Find every nucleus in microscopy images.",
+                                     formatter_class=formatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("segment", help="segment images or folders of images", formatter_class=formatter)
+    p.add_argument("inputs", nargs="+", help="image files, folders of images, or competition-layout folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default="default", help="shipped model name or model folder")
+    p.add_argument("--diameter", type=float, default=None,
+                   help="typical nucleus diameter in pixels (default: estimated per image)")
+    p.add_argument("--tta", action="store_true", help="average over flips (4x slower, slightly better)")
+    p.add_argument("--format", choices=("png", "tif"), default="png", help="label image format")
+    p.add_argument("--overwrite", action="store_true", help="redo images that an earlier run finished")
+    p.add_argument("--tile", type=int, default=512, help="tile size for large images (multiple of 16)")
+    p.add_argument("--max-megapixels", type=float, default=150.0, help="refuse larger images")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+
+    p = sub.add_parser("train", help="train a model", formatter_class=formatter)
+    p.add_argument("--config", help="JSON training config (see configs/default.json)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. epochs=10 data.patch_size=128")
+
+    p = sub.add_parser("tune", help="tune post-processing thresholds on the validation split",
+                       formatter_class=formatter)
+    p.add_argument("--model", required=True, help="model folder; thresholds.json is written into it")
+    p.add_argument("--data", default=DEFAULT_TRAIN, help="training data folder (competition layout)")
+
+    p = sub.add_parser("evaluate", help="score predictions against ground truth", formatter_class=formatter)
+    p.add_argument("predictions", help="folder of label images (<id>.png, <id>_labels.png/.tif) or a "
+                                       "submission CSV")
+    p.add_argument("--truth", required=True, help="folder in the competition layout with masks")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("show", help="figure of image / ground truth / prediction", formatter_class=formatter)
+    p.add_argument("--data", default=DEFAULT_TRAIN, help="folder in the competition layout")
+    p.add_argument("--ids", nargs="*", help="image ids (default: random ones)")
+    p.add_argument("--n", type=int, default=4, help="number of random images")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the choice of images")
+    p.add_argument("--model", default="default", help="shipped model name or model folder")
+    p.add_argument("--out", default="show.png", help="PNG file to write")
+
+    p = sub.add_parser("seed", help="run the classic 128x128 U-Net recipe end to end", formatter_class=formatter)
+    p.add_argument("--train", default=DEFAULT_TRAIN, help="training folder (competition layout)")
+    p.add_argument("--test", default=DEFAULT_TEST, help="test folder (competition layout)")
+    p.add_argument("--out", default="runs/seed", help="output folder")
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=30)
+    return parser
+
+
+def _segment(args) -> int:
+    import torch
+
+    from nucleiseg.batch import segment_batch
+    from nucleiseg.io import find_images
+    from nucleiseg.segment import Segmenter
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = find_images(args.inputs)
+    if not paths:
+        log.error("no images found in %s", " ".join(args.inputs))
+        return 1
+    segmenter = Segmenter(args.model, tile=args.tile, tta=args.tta)
+    result = segment_batch(paths, args.out, segmenter, args.diameter, args.format, args.overwrite,
+                           args.max_megapixels)
+    total = sum(row["nuclei"] for row in result.done)
+    print(f"{len(result.done)} images segmented ({result.skipped} already done), {len(result.failed)} failed, "
+          f"{total} nuclei; results in {args.out}")
+    if result.failed:
+        print(f"failures listed in {Path(args.out) / 'failures.csv'}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    overrides: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {pair!r}")
+        target = overrides
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = json.loads(value) if value[:1] in "[{0123456789-tfn" else value
+    return overrides
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def _train(args) -> int:
+    from dataclasses import asdict
+
+    from nucleiseg.config import TrainConfig, from_dict
+    from nucleiseg.train import fit
+
+    if args.resume:
+        if args.config or args.set:
+            raise ValueError("--resume takes the config saved in the run folder; drop --config and --set")
+        cfg = None
+    else:
+        values = json.loads(Path(args.config).read_text()) if args.config else {}
+        cfg = from_dict(TrainConfig, _merge(asdict(from_dict(TrainConfig, values)), _parse_overrides(args.set)))
+    model_dir = fit(cfg or TrainConfig(), args.out, resume=args.resume)
+    print(f"best model in {model_dir}")
+    return 0
+
+
+def _tune(args) -> int:
+    from nucleiseg.config import TrainConfig, save_json
+    from nucleiseg.model import load_model
+    from nucleiseg.train import load_split
+    from nucleiseg.tune import tune_thresholds
+
+    cfg = TrainConfig()
+    cfg.data.root = args.data
+    _, val = load_split(cfg)
+    best, report = tune_thresholds(load_model(args.model), val)
+    save_json(best, Path(args.model) / "thresholds.json")
+    print(f"thresholds {best} give DSB score {report.dsb_score:.4f} on {report.n_images} validation images")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from nucleiseg.io import load_dataset, read_labels
+    from nucleiseg.metrics import evaluate
+    from nucleiseg.rle import read_submission
+
+    truth = {s.id: s.labels for s in load_dataset(args.truth) if s.labels is not None}
+    if not truth:
+        raise ValueError(f"{args.truth}: no images with masks to compare against")
+    predictions = Path(args.predictions)
+    if predictions.is_file():
+        predicted = read_submission(predictions, {k: v.shape for k, v in truth.items()})
+    elif predictions.is_dir():
+        predicted = {}
+        for image_id in truth:
+            for name in (f"{image_id}.png", f"{image_id}_labels.png", f"{image_id}.tif", f"{image_id}_labels.tif"):
+                if (predictions / name).exists():
+                    predicted[image_id] = read_labels(predictions / name)
+                    break
+    else:
+        raise FileNotFoundError(f"{predictions}: no such file or folder")
+    missing = sorted(set(truth) - set(predicted))
+    if missing:
+        log.warning("%d images have no prediction and score 0, e.g. %s", len(missing), missing[0])
+    for image_id in missing:
+        predicted[image_id] = truth[image_id] * 0
+    report = evaluate((k, truth[k], predicted[k]) for k in sorted(truth))
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
+    return 0
+
+
+def _show(args) -> int:
+    import numpy as np
+
+    from nucleiseg.io import load_dataset, sample_ids
+    from nucleiseg.segment import Segmenter
+    from nucleiseg.viz import comparison_figure
+
+    ids = args.ids or sorted(np.random.default_rng(args.seed).choice(sample_ids(args.data), args.n, replace=False))
+    segmenter = Segmenter(args.model)
+    rows = [(s.id[:16], s.image, s.labels, segmenter.segment(s.image).labels) for s in load_dataset(args.data, ids)]
+    comparison_figure(rows, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _seed(args) -> int:
+    from nucleiseg.config import TrainConfig
+    from nucleiseg.metrics import evaluate
+    from nucleiseg.rle import write_submission
+    from nucleiseg.seed import SeedConfig, predict_seed, resize_images, train_seed
+    from nucleiseg.io import load_dataset
+    from nucleiseg.train import validation_split
+    from nucleiseg.viz import comparison_figure, plot_history
+
+    cfg = SeedConfig(height=args.height, width=args.width, channels=args.channels, epochs=args.epochs)
+    cfg.model.in_channels = args.channels
+    split = TrainConfig().data
+    train_samples, val_samples = validation_split(load_dataset(args.train), split.val_fraction, split.split_seed)
+    size = (cfg.height, cfg.width, cfg.channels)
+    train, val = resize_images(train_samples, *size), resize_images(val_samples, *size)
+    print(f"X_train {train.X.shape} {train.X.dtype}, Y_train {train.Y.shape} {train.Y.dtype}, "
+          f"validation {val.X.shape}")
+    network, history = train_seed(train, val, cfg, args.out)
+    predicted = predict_seed(network, val)
+    report = evaluate((s.id, s.labels, p) for s, p in zip(val_samples, predicted, strict=True))
+    print(report.table())
+    out = Path(args.out)
+    (out / "validation.json").write_text(json.dumps(report.as_dict(), indent=2))
+    plot_history([dict(h, val_score="") for h in history], out / "curve.png")
+    comparison_figure([(s.id[:16], s.image, s.labels, p) for s, p in list(zip(val_samples, predicted))[:4]],
+                      out / "show.png")
+    test_samples = load_dataset(args.test)
+    test = resize_images(test_samples, *size)
+    write_submission(out / "submission.csv", zip(test.ids, predict_seed(network, test), strict=True))
+    print(f"X_test {test.X.shape}; wrote {out / 'submission.csv'}, {out / 'show.png'}, {out / 'curve.png'}")
+    return 0
+
+
+COMMANDS = {"segment": _segment, "train": _train, "tune": _tune, "evaluate": _evaluate, "show": _show,
+            "seed": _seed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    if args.version:
+        from nucleiseg import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; rerun the same command to continue where it stopped")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

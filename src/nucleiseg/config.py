@@ -1,0 +1,112 @@
+"""Configuration dataclasses, saved as JSON next to the weights. Unknown keys are rejected."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Build a (nested) config dataclass from a dict, refusing keys the dataclass does not have."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = from_dict(type(default), value)
+        elif isinstance(value, list) and isinstance(known[name].default, tuple):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> None:
+    from nucleiseg.io import atomic_path
+
+    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def load_json(cls: type[T], path: str | os.PathLike) -> T:
+    return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+@dataclass
+class ModelConfig:
+    """U-Net shape. Input: normalised gray image; outputs: foreground logit and centre-distance logit."""
+
+    in_channels: int = 1
+    out_channels: int = 2
+    base_channels: int = 16
+    depth: int = 4
+
+
+@dataclass
+class DataConfig:
+    """Where the training data are and how they are brought to the network's scale."""
+
+    root: str = "../shared/data/dsb2018/stage1_train"
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    # every training image is rescaled so that its median nucleus diameter becomes this many pixels
+    target_diameter: float = 17.0
+    patch_size: int = 192
+
+
+@dataclass
+class AugmentConfig:
+    """Random transforms applied to every training patch (probabilities and ranges)."""
+
+    scale_range: tuple[float, float] = (0.6, 1.6)
+    stain_jitter: float = 0.05  # std of the HED stain intensity change
+    gray_mix: float = 0.5  # how far the RGB->gray weights may move from luminance
+    invert_prob: float = 0.1
+    gamma_range: tuple[float, float] = (0.6, 1.6)
+    contrast_range: tuple[float, float] = (0.7, 1.3)
+    brightness: float = 0.1
+    blur_prob: float = 0.3
+    blur_sigma: float = 1.5
+    noise_prob: float = 0.3
+    noise_std: float = 0.08
+
+
+@dataclass
+class PostprocessConfig:
+    """Thresholds that turn the two probability maps into instances; tuned on the validation split."""
+
+    foreground_threshold: float = 0.5
+    seed_threshold: float = 0.5
+    min_area_fraction: float = 0.1  # objects below this fraction of the mean nucleus area are dropped
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved as config.json in the run folder."""
+
+    name: str = "default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    batch_size: int = 8
+    steps_per_epoch: int = 100
+    epochs: int = 300
+    max_minutes: float = 0.0  # stop after this much wall-clock training time (0 = no limit)
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 2
+    dice_weight: float = 1.0
+    eval_every: int = 5
+    eval_images: int = 0  # validation images scored during training (0 = all)
+    snapshot_minutes: tuple[float, ...] = (30.0, 60.0, 120.0)
+    num_threads: int = 0  # torch threads (0 = torch's default)

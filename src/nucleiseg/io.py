@@ -1,0 +1,298 @@
+"""Reading images and the Data Science Bowl layout, writing outputs atomically.
+
+The competition layout is ``<root>/<id>/images/<id>.png`` plus, for training images,
+``<root>/<id>/masks/*.png`` with one binary mask per nucleus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+MIN_SIDE = 8
+MAX_MEGAPIXELS = 150.0
+# Pillow refuses images above ~179 MP as a "decompression bomb"; we apply our own limit instead.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class Sample:
+    """One image of the competition layout: its id, pixels and instance labels (0 = background)."""
+
+    id: str
+    image: np.ndarray  # (H, W, 3) uint8 or (H, W) gray
+    labels: np.ndarray | None  # (H, W) uint16 or int32, None for test images
+
+
+def _read_pixels(path: Path) -> np.ndarray:
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return tifffile.imread(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about odd PNG chunks; we report real failures below
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_MEGAPIXELS * 1e6:
+                return np.empty((im.height, im.width, 0), np.uint8)  # checked for size below without decoding
+            if im.mode == "P":
+                im = im.convert("RGBA")
+            return np.asarray(im)
+
+
+def read_image(path: str | os.PathLike, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
+    """Read an image file and return it as (H, W) or (H, W, C) with C in 1..4.
+
+    Raises ImageReadError, with the file name and the reason, for anything that cannot be segmented:
+    missing, unreadable, not an image, too small or too large, NaN or infinite values, more than one plane.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ImageReadError(f"{path}: is a directory, not an image file")
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: file is empty (0 bytes)")
+    try:
+        pixels = _read_pixels(path)
+    except PermissionError:
+        raise ImageReadError(f"{path}: permission denied") from None
+    except Exception as exc:  # Pillow and tifffile raise many types for corrupt files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageReadError(f"{path}: not a readable image ({reason})") from None
+    return check_image(pixels, str(path), max_megapixels)
+
+
+def check_image(pixels: np.ndarray, name: str = "image", max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
+    """Validate an image array and bring it to (H, W) or (H, W, C), C <= 4; raise ImageReadError if unusable."""
+    pixels = np.asarray(pixels)
+    if pixels.ndim > 2:
+        pixels = np.squeeze(pixels, axis=tuple(i for i in range(pixels.ndim - 2) if pixels.shape[i] == 1))
+    if pixels.ndim == 3 and pixels.shape[0] <= 4 < pixels.shape[2]:
+        pixels = np.moveaxis(pixels, 0, -1)  # TIFFs often store channels first
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] > 4):
+        raise ImageReadError(
+            f"{name}: has shape {pixels.shape}; expected a 2-D image (H, W) or (H, W, C) with at most 4 "
+            "channels; save one plane of a stack or time series"
+        )
+    h, w = pixels.shape[:2]
+    if h * w > max_megapixels * 1e6:
+        raise ImageReadError(
+            f"{name}: is {w}x{h} ({h * w / 1e6:.0f} MP), above the limit of {max_megapixels:.0f} MP; "
+            "split it into tiles or raise --max-megapixels"
+        )
+    if min(h, w) < MIN_SIDE:
+        raise ImageReadError(f"{name}: is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+    if pixels.dtype.kind not in "uifb":
+        raise ImageReadError(f"{name}: has unsupported pixel type {pixels.dtype}")
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        raise ImageReadError(f"{name}: contains NaN or infinite values")
+    if pixels.ndim == 3 and pixels.shape[2] in (2, 4):
+        colour = pixels[..., :-1]
+        if not colour.any() and np.ptp(pixels[..., -1]) > 0:
+            raise ImageReadError(f"{name}: holds only an alpha channel (all colour values are 0)")
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[..., 0]
+    return pixels
+
+
+def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """(H, W[, C]) image of any dtype -> (H, W, 3) uint8; alpha is dropped, gray repeated, depth rescaled."""
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[..., :3] if image.shape[2] >= 3 else image[..., :1]
+    else:
+        image = image[..., None]
+    if image.dtype != np.uint8:
+        image = image.astype(np.float32)
+        lo, hi = float(image.min()), float(image.max())
+        image = ((image - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8)
+    return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else np.ascontiguousarray(image)
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """(H, W[, C]) image -> (H, W) float32 intensity in the file's own units (alpha dropped)."""
+    image = np.asarray(image)
+    if image.ndim == 3:
+        colour = image[..., :3] if image.shape[2] >= 3 else image[..., :1]
+        if colour.shape[2] == 3:
+            weights = np.array([0.299, 0.587, 0.114], np.float32)
+            return colour.astype(np.float32) @ weights
+        return colour[..., 0].astype(np.float32)
+    return image.astype(np.float32)
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders into a sorted list of image paths.
+
+    A folder in the competition layout contributes ``<id>/images/<id>.png``; any other folder contributes
+    the image files directly inside it. Inputs that do not exist are returned as they are so that the caller
+    reports them with the rest of the batch.
+    """
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if not item.is_dir():
+            found.append(item)
+        elif is_dsb_layout(item):
+            found.extend(sorted(item.glob("*/images/*.png")))
+        else:
+            found.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+    return found
+
+
+def is_dsb_layout(root: Path) -> bool:
+    return any((d / "images").is_dir() for d in root.iterdir() if d.is_dir())
+
+
+def sample_ids(root: str | os.PathLike) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (expected the competition layout <id>/images/<id>.png)")
+    return sorted(d.name for d in root.iterdir() if (d / "images" / f"{d.name}.png").is_file())
+
+
+def read_masks(
+    mask_paths: Sequence[Path], shape: tuple[int, int], sample_id: str, overlap: str = "error"
+) -> np.ndarray:
+    """Stack per-nucleus binary masks into one label image.
+
+    Two masks that share pixels raise ValueError with ``overlap="error"``; with ``overlap="warn"`` the
+    shared pixels are logged and set to background, so that neither nucleus absorbs the other.
+    """
+    if overlap not in ("error", "warn"):
+        raise ValueError(f"overlap must be 'error' or 'warn', not {overlap!r}")
+    labels = np.zeros(shape, np.uint16 if len(mask_paths) < 65535 else np.int32)
+    contested = np.zeros(shape, bool)
+    for index, mask_path in enumerate(mask_paths, start=1):
+        mask = np.asarray(Image.open(mask_path))
+        mask = mask[..., 0] if mask.ndim == 3 else mask
+        if mask.shape != shape:
+            raise ValueError(f"{sample_id}: mask {mask_path.name} is {mask.shape}, image is {shape}")
+        mask = mask > 0
+        clash = labels[mask]
+        if clash.any():
+            other = mask_paths[int(clash[clash > 0][0]) - 1].name
+            message = f"{sample_id}: masks {other} and {mask_path.name} overlap ({int((clash > 0).sum())} px)"
+            if overlap == "error":
+                raise ValueError(message)
+            log.warning("%s; shared pixels set to background", message)
+            contested |= mask & (labels > 0)
+        labels[mask] = index
+    labels[contested] = 0
+    return labels
+
+
+def load_sample(sample_dir: str | os.PathLike, overlap: str = "error") -> Sample:
+    """Load one ``<id>/`` folder: the image (RGB uint8 or gray) and, if masks exist, the label image.
+
+    ``overlap`` says what to do when two masks share pixels (see read_masks)."""
+    sample_dir = Path(sample_dir)
+    image = read_image(sample_dir / "images" / f"{sample_dir.name}.png")
+    if image.ndim == 3:
+        image = to_rgb_uint8(image) if image.dtype == np.uint8 else image[..., :3]
+    mask_paths = sorted((sample_dir / "masks").glob("*.png"))
+    labels = read_masks(mask_paths, image.shape[:2], sample_dir.name, overlap) if mask_paths else None
+    return Sample(sample_dir.name, image, labels)
+
+
+def _fingerprint(sample_dir: Path) -> str:
+    """Hash of the names, sizes and modification times of a sample's files: changes when any file changes."""
+    digest = hashlib.sha1()
+    for path in sorted(sample_dir.rglob("*.png")):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(sample_dir)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where decoded samples are cached: $NUCLEISEG_CACHE, else ~/.cache/nucleiseg."""
+    return Path(os.environ.get("NUCLEISEG_CACHE", Path.home() / ".cache" / "nucleiseg"))
+
+
+def load_dataset(
+    root: str | os.PathLike,
+    ids: Sequence[str] | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    overlap: str = "warn",
+) -> list[Sample]:
+    """Load samples of a competition-layout folder, decoding each once and caching it as .npz.
+
+    The cache key includes the file sizes and modification times, so edited masks or images are re-read.
+    Overlapping masks are reported in the log and their shared pixels dropped (``overlap="warn"``), or
+    raise (``overlap="error"``).
+    """
+    root = Path(root)
+    ids = sample_ids(root) if ids is None else list(ids)
+    store = cache_dir() / "samples"
+    samples = []
+    for sample_id in tqdm(ids, desc=f"loading {root.name}", unit="img", disable=not progress, leave=False):
+        sample_dir = root / sample_id
+        cached = store / f"{sample_id}-{_fingerprint(sample_dir)}.npz"
+        if use_cache and cached.exists():
+            with np.load(cached) as data:
+                labels = data["labels"] if "labels" in data else None
+                samples.append(Sample(sample_id, data["image"], labels))
+            continue
+        sample = load_sample(sample_dir, overlap)
+        if use_cache:
+            arrays = {"image": sample.image} | ({"labels": sample.labels} if sample.labels is not None else {})
+            with atomic_path(cached) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **arrays)
+        samples.append(sample)
+    return samples
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it into place only if the block succeeds.
+
+    A reader therefore sees either the old file or the complete new one, never a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
+    """Write a label image as 16-bit PNG (or 32-bit TIFF if there are more than 65535 labels), atomically."""
+    path = Path(path)
+    dtype = np.uint16 if labels.max(initial=0) < 65536 else np.uint32
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            tifffile.imwrite(tmp, labels.astype(dtype), compression="zlib")
+        else:
+            if dtype != np.uint16:
+                raise ValueError(f"{path}: {labels.max()} labels do not fit a 16-bit PNG; write a .tif instead")
+            Image.fromarray(labels.astype(np.uint16)).save(tmp, format="PNG")
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray:
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return tifffile.imread(path).astype(np.int32)
+    return np.asarray(Image.open(path)).astype(np.int32)

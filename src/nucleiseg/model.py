@@ -1,0 +1,128 @@
+"""U-Net and the model folder (config.json + weights.pt + thresholds.json)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nucleiseg.config import ModelConfig, PostprocessConfig, load_json, save_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """U-Net with ``depth`` 2x down-samplings and skip connections.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    base_channels : int
+        Channels of the first level; each level down doubles them.
+    depth : int
+        Number of down-samplings. Input height and width must be multiples of ``2**depth``.
+
+    Input (B, in_channels, H, W) float; output (B, out_channels, H, W) logits.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, base_channels: int = 16, depth: int = 4):
+        super().__init__()
+        if depth < 1 or base_channels < 1:
+            raise ValueError(f"depth and base_channels must be positive, got {depth} and {base_channels}")
+        widths = [base_channels * 2**i for i in range(depth + 1)]
+        self.depth = depth
+        self.down = nn.ModuleList([_conv_block(in_channels, widths[0])])
+        self.down.extend(_conv_block(widths[i], widths[i + 1]) for i in range(depth))
+        self.upsample = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(depth))
+        self.up = nn.ModuleList(_conv_block(2 * widths[i], widths[i]) for i in range(depth))
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        multiple = 2**self.depth
+        if x.shape[-1] % multiple or x.shape[-2] % multiple:
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} is not a multiple of {multiple}; pad it to "
+                f"{tuple(-(-s // multiple) * multiple for s in x.shape[-2:])}"
+            )
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else nn.functional.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for i in reversed(range(self.depth)):
+            x = self.up[i](torch.cat([skips.pop(), self.upsample[i](x)], dim=1))
+        return self.head(x)
+
+
+def build_model(cfg: ModelConfig) -> UNet:
+    return UNet(cfg.in_channels, cfg.out_channels, cfg.base_channels, cfg.depth)
+
+
+@dataclass
+class ModelBundle:
+    """A trained network with what is needed to use it: its scale and tuned thresholds."""
+
+    network: UNet
+    config: ModelConfig
+    target_diameter: float
+    thresholds: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+
+@dataclass
+class ModelInfo:
+    """Contents of model.json: the network shape and the nucleus diameter it was trained at."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    target_diameter: float = 17.0
+
+
+def save_model(folder: str | os.PathLike, bundle: ModelBundle) -> None:
+    from nucleiseg.io import atomic_path
+
+    folder = Path(folder)
+    with atomic_path(folder / "weights.pt") as tmp:
+        torch.save(bundle.network.state_dict(), tmp)
+    save_json(ModelInfo(bundle.config, bundle.target_diameter), folder / "model.json")
+    save_json(bundle.thresholds, folder / "thresholds.json")
+
+
+def model_folder(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
+    """A folder path, or the name of a model shipped in the package (nucleiseg/models/<name>)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    shipped = Path(str(resources.files("nucleiseg") / "models" / str(name_or_path)))
+    if shipped.is_dir():
+        return shipped
+    raise FileNotFoundError(f"no model folder {name_or_path!r}: give a folder with model.json and weights.pt")
+
+
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> ModelBundle:
+    """Load a model folder strictly: unknown config keys or mismatched weights raise."""
+    folder = model_folder(name_or_path)
+    info = load_json(ModelInfo, folder / "model.json")
+    network = build_model(info.model)
+    state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+    network.load_state_dict(state, strict=True)
+    network.eval()
+    thresholds_path = folder / "thresholds.json"
+    thresholds = load_json(PostprocessConfig, thresholds_path) if thresholds_path.exists() else PostprocessConfig()
+    return ModelBundle(network, info.model, info.target_diameter, thresholds)

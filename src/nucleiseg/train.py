@@ -1,0 +1,202 @@
+"""Training the full-resolution model: patches, loss, schedule, validation, resumable checkpoints.
+
+A run folder holds ``config.json``, ``checkpoint.pt`` (everything needed to resume, written atomically
+after every epoch), ``history.csv``, ``curve.png``, ``model/`` (the best weights so far, a model folder
+that ``nucleiseg segment --model`` accepts) and ``snapshots/<minutes>min/`` (model folders taken when the
+wall-clock training time passed each of ``snapshot_minutes``).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nucleiseg.config import TrainConfig, load_json, save_json
+from nucleiseg.data import PatchSampler, image_type, prepare_training_image
+from nucleiseg.io import Sample, atomic_path, load_dataset
+from nucleiseg.metrics import Report, evaluate
+from nucleiseg.model import ModelBundle, build_model, save_model
+from nucleiseg.targets import median_diameter
+
+log = logging.getLogger(__name__)
+
+HISTORY_FIELDS = ["epoch", "step", "minutes", "lr", "train_loss", "val_dsb", "val_ap50"]
+
+
+def validation_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split by image with a fixed seed, stratified by image type so that rare types appear in both parts."""
+    rng = np.random.default_rng(seed)
+    kinds = [image_type(s.image) for s in samples]
+    val_ids = set()
+    for kind in sorted(set(kinds)):
+        members = sorted(s.id for s, k in zip(samples, kinds, strict=True) if k == kind)
+        count = max(1, round(fraction * len(members))) if fraction > 0 else 0
+        val_ids.update(rng.permutation(members)[:count].tolist())
+    return [s for s in samples if s.id not in val_ids], [s for s in samples if s.id in val_ids]
+
+
+def load_split(cfg: TrainConfig, progress: bool = True) -> tuple[list[Sample], list[Sample]]:
+    samples = load_dataset(cfg.data.root, progress=progress)
+    return validation_split(samples, cfg.data.val_fraction, cfg.data.split_seed)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, dice_weight: float) -> torch.Tensor:
+    """Binary cross-entropy on both maps plus soft Dice on the foreground (thin gaps between nuclei
+    are few pixels, and Dice keeps the foreground from being smeared over them)."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    prob = torch.sigmoid(logits[:, 0])
+    fg = targets[:, 0]
+    dice = 1 - (2 * (prob * fg).sum() + 1) / (prob.sum() + fg.sum() + 1)
+    return bce + dice_weight * dice
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to zero at the last step."""
+    total = cfg.epochs * cfg.steps_per_epoch
+    warmup = cfg.warmup_epochs * cfg.steps_per_epoch
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def score(segmenter, samples: list[Sample], true_diameter: bool = False, progress: bool = False) -> Report:
+    """Segment samples and score them. ``true_diameter`` uses each image's true median nucleus diameter
+    instead of the estimate (used during training, where only the network is being judged)."""
+    def pairs():
+        for s in tqdm(samples, desc="scoring", unit="img", disable=not progress, leave=False):
+            diameter = median_diameter(s.labels) if true_diameter else None
+            yield s.id, s.labels, segmenter.segment(s.image, diameter=diameter or None).labels
+
+    return evaluate(pairs())
+
+
+def write_history_row(path: Path, row: dict) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def fit(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> Path:
+    """Train a model as ``cfg`` says, in ``run_dir``; with ``resume`` continue from its checkpoint.
+
+    Returns the folder of the best model.
+    """
+    from nucleiseg.segment import Segmenter
+
+    run_dir = Path(run_dir)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if resume:
+        if not checkpoint_path.exists():
+            raise FileNotFoundError(f"{checkpoint_path}: nothing to resume; start without --resume")
+        cfg = load_json(TrainConfig, run_dir / "config.json")
+    elif checkpoint_path.exists():
+        raise FileExistsError(f"{run_dir} already holds a training run; use --resume or another folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(cfg, run_dir / "config.json")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+    torch.manual_seed(cfg.seed)
+    train_samples, val_samples = load_split(cfg, progress)
+    if cfg.eval_images:
+        val_samples = val_samples[: cfg.eval_images]
+    log.info("%d training and %d validation images", len(train_samples), len(val_samples))
+    images = [
+        prepare_training_image(s, cfg.data.target_diameter)
+        for s in tqdm(train_samples, desc="preparing targets", unit="img", disable=not progress, leave=False)
+    ]
+    sampler = PatchSampler(images, cfg.data.patch_size, cfg.augment, cfg.seed)
+    network = build_model(cfg.model)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"epoch": 0, "minutes": 0.0, "best": -1.0, "snapshots": []}
+    if resume:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        network.load_state_dict(checkpoint["network"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        sampler.rng.bit_generator.state = checkpoint["sampler_rng"]
+        torch.set_rng_state(checkpoint["torch_rng"])
+        state = checkpoint["state"]
+        log.info("resuming after epoch %d (%.1f min trained)", state["epoch"], state["minutes"])
+    history_path = run_dir / "history.csv"
+    # drop rows of epochs after the checkpoint (written before a kill, never checkpointed)
+    rows = [r for r in read_history(history_path) if int(r["epoch"]) <= state["epoch"]]
+    with atomic_path(history_path) as tmp:
+        for row in rows:
+            write_history_row(tmp, row)
+
+    def bundle() -> ModelBundle:
+        return ModelBundle(network, cfg.model, cfg.data.target_diameter)
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if cfg.max_minutes and state["minutes"] >= cfg.max_minutes:
+            log.info("stopping: %.1f minutes of training reached", state["minutes"])
+            break
+        started = time.perf_counter()
+        network.train()
+        losses = []
+        bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+        for i in bar:
+            step = (epoch - 1) * cfg.steps_per_epoch + i
+            lr = learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = sampler.batch(cfg.batch_size)
+            loss = loss_fn(network(torch.from_numpy(x)), torch.from_numpy(y), cfg.dice_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        state["minutes"] += (time.perf_counter() - started) / 60
+        state["epoch"] = epoch
+        row = {"epoch": epoch, "step": epoch * cfg.steps_per_epoch, "minutes": f"{state['minutes']:.2f}",
+               "lr": f"{lr:.6f}", "train_loss": f"{np.mean(losses):.5f}", "val_dsb": "", "val_ap50": ""}
+        if val_samples and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            network.eval()
+            report = score(Segmenter(bundle()), val_samples, true_diameter=True)
+            row["val_dsb"], row["val_ap50"] = f"{report.dsb_score:.4f}", f"{report.ap50:.4f}"
+            log.info("epoch %d: val DSB %.4f AP50 %.4f", epoch, report.dsb_score, report.ap50)
+            if report.dsb_score > state["best"]:
+                state["best"] = report.dsb_score
+                save_model(run_dir / "model", bundle())
+        for minutes in cfg.snapshot_minutes:
+            if state["minutes"] >= minutes and minutes not in state["snapshots"]:
+                save_model(run_dir / "snapshots" / f"{minutes:g}min", bundle())
+                state["snapshots"].append(minutes)
+        write_history_row(history_path, row)
+        with atomic_path(checkpoint_path) as tmp:
+            torch.save(
+                {"network": network.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                 "sampler_rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                 "config": asdict(cfg)},
+                tmp,
+            )
+        try:
+            from nucleiseg.viz import plot_history
+
+            plot_history(read_history(history_path), run_dir / "curve.png")
+        except Exception as exc:  # a plotting problem must not stop training
+            log.warning("could not draw the training curve: %s", exc)
+    if not (run_dir / "model").exists():
+        save_model(run_dir / "model", bundle())
+    return run_dir / "model"

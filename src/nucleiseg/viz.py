@@ -1,0 +1,86 @@
+"""Figures: nucleus outlines over images, side-by-side comparisons, training curves.
+
+The only module that imports matplotlib (with the Agg backend: no display needed).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from skimage.segmentation import find_boundaries  # noqa: E402
+
+from nucleiseg.io import atomic_path, to_rgb_uint8  # noqa: E402
+
+
+def label_colours(n: int, seed: int = 0) -> np.ndarray:
+    """(n + 1, 3) uint8 distinct-looking colours, row 0 black; shuffled so neighbours differ."""
+    rng = np.random.default_rng(seed)
+    hues = rng.permutation(n) / max(n, 1)
+    rgb = matplotlib.colors.hsv_to_rgb(np.stack([hues, np.full(n, 0.9), np.full(n, 1.0)], axis=1))
+    return np.vstack([[0, 0, 0], (rgb * 255).astype(np.uint8)]).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(H, W[, C]) image and (H, W) labels -> (H, W, 3) uint8 with each nucleus outlined in its own colour."""
+    rgb = to_rgb_uint8(image).copy()
+    edges = find_boundaries(labels, mode="inner")
+    colours = label_colours(int(labels.max()))
+    rgb[edges] = colours[labels[edges]]
+    return rgb
+
+
+def save_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")
+
+
+def _save_figure(fig, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def comparison_figure(
+    rows: Sequence[tuple[str, np.ndarray, np.ndarray | None, np.ndarray]], path: str | os.PathLike
+) -> None:
+    """One row per image: image / ground truth / prediction, nuclei outlined. ``rows`` holds
+    (title, image, true labels or None, predicted labels)."""
+    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 4 * len(rows)), squeeze=False)
+    for ax_row, (title, image, true, pred) in zip(axes, rows, strict=True):
+        panels = [
+            (to_rgb_uint8(image), title),
+            (overlay(image, true) if true is not None else to_rgb_uint8(image) * 0, "ground truth"
+             + (f" ({int(len(np.unique(true)) - 1)} nuclei)" if true is not None else ": none")),
+            (overlay(image, pred), f"prediction ({int(len(np.unique(pred)) - 1)} nuclei)"),
+        ]
+        for ax, (picture, name) in zip(ax_row, panels, strict=True):
+            ax.imshow(picture)
+            ax.set_title(name, fontsize=9)
+            ax.axis("off")
+    _save_figure(fig, path)
+
+
+def plot_history(history: Sequence[dict], path: str | os.PathLike, x_key: str = "epoch") -> None:
+    """Training loss and validation score per epoch (rows as in history.csv) -> PNG."""
+    fig, loss_ax = plt.subplots(figsize=(7, 4))
+    x = [float(r[x_key]) for r in history]
+    loss_ax.plot(x, [float(r["train_loss"]) for r in history], color="tab:blue", label="training loss")
+    loss_ax.set_xlabel(x_key)
+    loss_ax.set_ylabel("training loss", color="tab:blue")
+    score_key = "val_dsb" if history and "val_dsb" in history[0] else "val_score"
+    scored = [(xi, float(r[score_key])) for xi, r in zip(x, history, strict=True) if r.get(score_key) not in ("", None)]
+    if scored:
+        score_ax = loss_ax.twinx()
+        score_ax.plot(*zip(*scored, strict=True), "o-", color="tab:orange", label="validation score")
+        score_ax.set_ylabel(f"validation {score_key}", color="tab:orange")
+    fig.tight_layout()
+    _save_figure(fig, path)
