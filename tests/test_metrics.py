@@ -133,7 +133,7 @@ def test_two_nuclei_merged_into_one():
     m = match(true, pred)
     assert m.counts(0.5) == (0, 1, 2)
     assert m.dsb_score() == 0.0
-    true[5:15, 11:15] = 3  # now 60 px and 40 px: IoU 0.6 with the first
+    true[5:15, 10] = 1  # now 60 px and 40 px: IoU 0.6 with the first, 0.4 with the second
     m = match(true, pred)
     assert m.counts(0.5) == (1, 0, 1)
     assert m.dsb_score() == pytest.approx(0.1)

@@ -197,10 +197,10 @@ def _show(args) -> int:
 
 def _seed(args) -> int:
     from nucleiseg.config import TrainConfig
+    from nucleiseg.io import load_dataset
     from nucleiseg.metrics import evaluate
     from nucleiseg.rle import write_submission
     from nucleiseg.seed import SeedConfig, predict_seed, resize_images, train_seed
-    from nucleiseg.io import load_dataset
     from nucleiseg.train import validation_split
     from nucleiseg.viz import comparison_figure, plot_history
 
@@ -219,8 +219,8 @@ def _seed(args) -> int:
     out = Path(args.out)
     (out / "validation.json").write_text(json.dumps(report.as_dict(), indent=2))
     plot_history([dict(h, val_score="") for h in history], out / "curve.png")
-    comparison_figure([(s.id[:16], s.image, s.labels, p) for s, p in list(zip(val_samples, predicted))[:4]],
-                      out / "show.png")
+    shown = list(zip(val_samples, predicted, strict=True))[:4]
+    comparison_figure([(s.id[:16], s.image, s.labels, p) for s, p in shown], out / "show.png")
     test_samples = load_dataset(args.test)
     test = resize_images(test_samples, *size)
     write_submission(out / "submission.csv", zip(test.ids, predict_seed(network, test), strict=True))
