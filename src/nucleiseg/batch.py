@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from nucleiseg.io import ImageReadError, atomic_path, read_image, to_gray, write_labels
 from nucleiseg.measure import measure_nuclei, write_table
@@ -101,26 +102,27 @@ def segment_batch(
     out_dir.mkdir(parents=True, exist_ok=True)
     result = BatchResult()
     names = output_names(inputs)
-    for path, name in tqdm(list(zip(inputs, names, strict=True)), desc="segmenting", unit="img",
-                           disable=not progress):
-        record_path = out_dir / f"{name}.done.json"
-        try:
-            previous = None if overwrite else _finished(record_path, path)
-            if previous is not None:
-                result.done.append(previous)
-                result.skipped += 1
-                continue
-            summary = segment_one(segmenter, path, name, out_dir, diameter, f".{label_format}", max_megapixels)
-            with atomic_path(record_path) as tmp:
-                tmp.write_text(json.dumps({"input": _input_stamp(path), "summary": summary}))
-            result.done.append(summary)
-        except ImageReadError as exc:
-            result.failed.append((str(path), str(exc)))
-            log.error("%s", exc)
-        except (MemoryError, ValueError, OSError, RuntimeError) as exc:
-            message = f"{path}: segmentation failed ({type(exc).__name__}: {exc})"
-            result.failed.append((str(path), message))
-            log.error("%s", message)
+    with logging_redirect_tqdm():  # error lines are printed whole, not mixed into the progress bar
+        for path, name in tqdm(list(zip(inputs, names, strict=True)), desc="segmenting", unit="img",
+                               disable=not progress):
+            record_path = out_dir / f"{name}.done.json"
+            try:
+                previous = None if overwrite else _finished(record_path, path)
+                if previous is not None:
+                    result.done.append(previous)
+                    result.skipped += 1
+                    continue
+                summary = segment_one(segmenter, path, name, out_dir, diameter, f".{label_format}", max_megapixels)
+                with atomic_path(record_path) as tmp:
+                    tmp.write_text(json.dumps({"input": _input_stamp(path), "summary": summary}))
+                result.done.append(summary)
+            except ImageReadError as exc:
+                result.failed.append((str(path), str(exc)))
+                log.error("%s", exc)
+            except (MemoryError, ValueError, OSError, RuntimeError) as exc:
+                message = f"{path}: segmentation failed ({type(exc).__name__}: {exc})"
+                result.failed.append((str(path), message))
+                log.error("%s", message)
     write_table(out_dir / "summary.csv", {k: [row[k] for row in result.done] for k in SUMMARY_FIELDS})
     failures_path = out_dir / "failures.csv"
     if result.failed:

@@ -142,17 +142,20 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Expand files and folders into a sorted list of image paths.
 
     A folder in the competition layout contributes ``<id>/images/<id>.png``; any other folder contributes
-    the image files directly inside it. Inputs that do not exist are returned as they are so that the caller
-    reports them with the rest of the batch.
+    the image files directly inside it. Inputs that do not exist, and folders that contribute no image (such
+    as a folder named ``x.png``), are returned as they are so that the caller reports them with the rest of
+    the batch instead of dropping them silently.
     """
     found: list[Path] = []
     for item in map(Path, inputs):
         if not item.is_dir():
             found.append(item)
-        elif is_dsb_layout(item):
-            found.extend(sorted(item.glob("*/images/*.png")))
+            continue
+        if is_dsb_layout(item):
+            inside = sorted(item.glob("*/images/*.png"))
         else:
-            found.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+            inside = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        found.extend(inside or [item])
     return found
 
 

@@ -86,17 +86,25 @@ def predict_tiled(
     return out[:, :h, :w]
 
 
-def network_predictor(network: torch.nn.Module, tta: bool = False) -> Predictor:
+def bf16_is_fast() -> bool:
+    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX), so autocast speeds inference up."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def network_predictor(network: torch.nn.Module, tta: bool = False, bf16: bool = False) -> Predictor:
     """Wrap a network that outputs logits into a predictor of probabilities, optionally averaged over the
-    four flips (test-time augmentation)."""
+    four flips (test-time augmentation) and computed in bfloat16 (probabilities change by about 0.01)."""
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return torch.sigmoid(network(batch).float())
 
     def predict(batch: torch.Tensor) -> torch.Tensor:
         if not tta:
-            return torch.sigmoid(network(batch))
+            return forward(batch)
         total = torch.zeros(())
         for dims in ((), (-1,), (-2,), (-2, -1)):
-            flipped = torch.flip(batch, dims) if dims else batch
-            prob = torch.sigmoid(network(flipped))
+            prob = forward(torch.flip(batch, dims) if dims else batch)
             total = total + (torch.flip(prob, dims) if dims else prob)
         return total / 4
 
@@ -104,10 +112,12 @@ def network_predictor(network: torch.nn.Module, tta: bool = False) -> Predictor:
 
 
 def predict_probabilities(
-    network: torch.nn.Module, x: np.ndarray, tile: int = 512, overlap: int = 64, tta: bool = False
+    network: torch.nn.Module, x: np.ndarray, tile: int = 512, overlap: int = 64, tta: bool = False,
+    bf16: bool = False,
 ) -> np.ndarray:
     """(H, W) normalised image -> (2, H, W) probabilities: foreground, centre distance."""
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D normalised image, got shape {x.shape}")
     multiple = 2 ** getattr(network, "depth", 4)
-    return predict_tiled(network_predictor(network, tta), x[None].astype(np.float32), 2, tile, overlap, multiple)
+    predictor = network_predictor(network, tta, bf16)
+    return predict_tiled(predictor, x[None].astype(np.float32), 2, tile, overlap, multiple)

@@ -32,9 +32,8 @@ def tune_thresholds(
     segmenter = Segmenter(model)
     cached = []
     for s in tqdm(samples, desc="predicting", unit="img", disable=not progress, leave=False):
-        x = prepare_input(s.image)
-        diameter = segmenter.estimate_diameter(x) or model.target_diameter
-        cached.append((s, segmenter.image_probabilities(x, diameter)[0], diameter))
+        probabilities, diameter, _ = segmenter.image_probabilities(prepare_input(s.image))
+        cached.append((s, probabilities, diameter))
     best: tuple[PostprocessConfig, Report] | None = None
     for fg, seed in tqdm(list(itertools.product(FOREGROUND, SEED)), desc="thresholds", disable=not progress,
                          leave=False):

@@ -1,0 +1,280 @@
+"""Robustness of batch segmentation: bad inputs, interrupted runs, and errors of the library API.
+
+The command line runs in a subprocess, as a user runs it, with a tiny untrained network instead of the
+shipped model so that every run takes seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from nucleiseg.batch import segment_batch
+from nucleiseg.config import ModelConfig, PostprocessConfig, TrainConfig, from_dict
+from nucleiseg.data import prepare_input
+from nucleiseg.io import read_image
+from nucleiseg.model import ModelBundle, UNet, load_model, save_model
+from nucleiseg.segment import Segmenter
+
+from .conftest import REPO
+
+VALIDATION = REPO / "tests" / "data" / "validation"
+GOOD = sorted(VALIDATION.glob("*/images/*.png"))
+DONE = re.compile(r"(\d+) images segmented \((\d+) already done\), (\d+) failed")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A model folder with an untrained 2-level U-Net (4 base channels), saved with save_model.
+
+    Its BatchNorm statistics are taken from one real image and its thresholds lowered, so that it finds
+    "nuclei" (random ones) and the label images compared below are not all empty.
+    """
+    torch.manual_seed(0)
+    network = UNet(base_channels=4, depth=2)
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # running statistics = plain average of what the network sees
+    network.train()
+    with torch.no_grad():
+        x = prepare_input(read_image(GOOD[0]))
+        network(torch.from_numpy(np.ascontiguousarray(x))[None, None])
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.1
+    network.eval()
+    bundle = ModelBundle(network, ModelConfig(base_channels=4, depth=2), target_diameter=17.0,
+                         thresholds=PostprocessConfig(foreground_threshold=0.5, seed_threshold=0.38))
+    folder = tmp_path_factory.mktemp("tiny_model")
+    save_model(folder, bundle)
+    return folder
+
+
+def cli_env(tmp: Path) -> dict:
+    return dict(os.environ, NUCLEISEG_CACHE=str(tmp / "cache"), PYTHONIOENCODING="utf-8")
+
+
+def segment_cmd(inputs, out: Path, model: Path) -> list[str]:
+    return [sys.executable, "-m", "nucleiseg.cli", "segment", *map(str, inputs), "--out", str(out),
+            "--model", str(model), "--diameter", "17", "--threads", "1"]
+
+
+def run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, encoding="utf-8", env=env, timeout=120)
+
+
+def error_messages(stderr: str) -> list[str]:
+    """The logged errors; a progress bar drawn with carriage returns may precede one on its line."""
+    return re.findall(r"ERROR: ([^\r\n]*)", stderr)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def temporary_files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob(".*.tmp"))
+
+
+def bad_corpus(folder: Path) -> list[Path]:
+    """Files a user may well pass by mistake, each unusable in a different way."""
+    folder.mkdir()
+    real = GOOD[0].read_bytes()
+    names = ("empty.png", "truncated.png", "text.png", "stack5d.tif", "nan_inf.tif", "zeros16.png",
+             "one_pixel.png", "white.png", "alpha_only.png", "dir.png", "does_not_exist.png")
+    bad = {name: folder / name for name in names}
+    bad["empty.png"].write_bytes(b"")
+    bad["truncated.png"].write_bytes(real[: len(real) // 2])
+    bad["text.png"].write_text("nucleus,area\n1,200\n")
+    tifffile.imwrite(bad["stack5d.tif"], np.zeros((2, 3, 4, 32, 32), np.uint8), photometric="minisblack")
+    values = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    values[3, 3], values[5, 5] = np.nan, np.inf
+    tifffile.imwrite(bad["nan_inf.tif"], values)
+    Image.fromarray(np.zeros((64, 64), np.uint16)).save(bad["zeros16.png"])
+    assert Image.open(bad["zeros16.png"]).mode == "I;16"
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(bad["one_pixel.png"])
+    Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(bad["white.png"])
+    alpha = np.zeros((64, 64, 4), np.uint8)
+    alpha[..., 3] = np.arange(64, dtype=np.uint8)[None] * 4
+    Image.fromarray(alpha).save(bad["alpha_only.png"])
+    bad["dir.png"].mkdir()
+    return list(bad.values())
+
+
+def test_bad_inputs_are_reported_once_and_good_images_are_segmented(tmp_path, tiny_model):
+    bad = bad_corpus(tmp_path / "corpus")
+    good = [tmp_path / "corpus" / p.name for p in GOOD[:3]] + [tmp_path / "corpus" / "noyau_é_核.png"]
+    for source, target in zip(GOOD[:3] + GOOD[:1], good, strict=True):
+        shutil.copy(source, target)
+    out = tmp_path / "out"
+    inputs = sorted(bad + good, key=lambda p: p.name)  # bad and good interleaved
+    result = run(segment_cmd(inputs, out, tiny_model), cli_env(tmp_path))
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = error_messages(result.stderr)
+    assert len(errors) == len(bad), errors
+    for path in bad:
+        assert sum(str(path) in e for e in errors) == 1, (path, errors)
+    assert DONE.search(result.stdout).groups() == (str(len(good)), "0", str(len(bad)))
+
+    for path in good:
+        for suffix in ("_labels.png", "_overlay.png", "_nuclei.csv", ".done.json"):
+            assert (out / f"{path.stem}{suffix}").is_file(), f"{path.stem}{suffix}"
+    assert sum(np.asarray(Image.open(out / f"{p.stem}_labels.png")).max() > 0 for p in good) >= 3
+    failures = read_csv(out / "failures.csv")
+    assert sorted(row["path"] for row in failures) == sorted(map(str, bad))
+    assert all(row["reason"].startswith(row["path"]) for row in failures)
+    summary = read_csv(out / "summary.csv")
+    assert sorted(row["path"] for row in summary) == sorted(map(str, good))
+    assert sorted(row["image"] for row in summary) == sorted(p.stem for p in good)
+    made = {p.name for p in out.iterdir()}
+    assert not [name for name in made if name.startswith(tuple(p.stem + "_" for p in bad))]
+    assert not temporary_files(out)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="running as root, which reads a chmod 000 file anyway: the case cannot be made")
+def test_unreadable_file_is_reported(tmp_path, tiny_model):
+    locked, good = tmp_path / "locked.png", tmp_path / GOOD[1].name
+    shutil.copy(GOOD[0], locked)
+    shutil.copy(GOOD[1], good)
+    locked.chmod(0)
+    try:
+        result = run(segment_cmd([locked, good], tmp_path / "out", tiny_model), cli_env(tmp_path))
+    finally:
+        locked.chmod(0o644)
+    assert result.returncode == 1
+    errors = error_messages(result.stderr)
+    assert len(errors) == 1 and str(locked) in errors[0] and "permission denied" in errors[0]
+    assert [row["path"] for row in read_csv(tmp_path / "out" / "summary.csv")] == [str(good)]
+
+
+# --- interruptions ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eight_images(tmp_path_factory, train_root) -> Path:
+    """Eight real images of several kinds and sizes in one folder."""
+    folder = tmp_path_factory.mktemp("eight")
+    extra = ["00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552",
+             "0121d6759c5adb290c8e828fc882f37dfaf3663ec885c663859948c154a443ed",
+             "4ca5081854df7bbcaa4934fcf34318f82733a0f8c05b942c2265eea75419d62f"]
+    for source in GOOD + [train_root / i / "images" / f"{i}.png" for i in extra]:
+        shutil.copy(source, folder / source.name)
+    assert len(list(folder.iterdir())) == 8
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, eight_images, tiny_model) -> Path:
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    result = run(segment_cmd([eight_images], tmp / "out", tiny_model), cli_env(tmp))
+    assert result.returncode == 0, result.stderr
+    assert DONE.search(result.stdout).groups() == ("8", "0", "0")
+    return tmp / "out"
+
+
+def outputs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupted_run_resumes_to_identical_outputs(tmp_path, eight_images, uninterrupted, tiny_model, sig):
+    out, env = tmp_path / "out", cli_env(tmp_path)
+    cmd = segment_cmd([eight_images], out, tiny_model)
+    first = sorted(eight_images.iterdir())[0].stem
+    # a shell that started the tests in the background may have left SIGINT ignored; undo that for the child
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not (out / f"{first}.done.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "no image was finished"
+        time.sleep(0.01)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert process.returncode == 130, stderr
+        assert "interrupted; rerun the same command" in stderr
+        assert not temporary_files(out)
+    else:
+        assert process.returncode == -signal.SIGKILL
+    assert not (out / "summary.csv").exists()
+
+    rerun = run(cmd, env)
+    assert rerun.returncode == 0, rerun.stderr
+    segmented, skipped, failed = map(int, DONE.search(rerun.stdout).groups())
+    assert segmented == 8 and failed == 0
+    assert 1 <= skipped < 8, "the first run was stopped after finishing some, but not all, images"
+    expected, got = outputs(uninterrupted), outputs(out)
+    assert sorted(got) == sorted(expected)
+    assert len([n for n in got if n.endswith("_labels.png")]) == 8
+    for name in expected:
+        assert got[name] == expected[name], f"{name} differs from the uninterrupted run"
+    # a temporary file a kill left behind is hidden and never read as an output: the summary above is equal
+    leftovers = temporary_files(out)
+    assert sig == signal.SIGKILL or not leftovers
+    assert all(p.name.startswith(".") and p.name.endswith(".tmp") for p in leftovers)
+    print(f"{sig.name}: rerun found {skipped} of 8 images done; {len(leftovers)} temporary files left")
+
+
+# --- the library -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_model) -> Segmenter:
+    return Segmenter(load_model(tiny_model))
+
+
+def test_segment_rejects_bad_arrays_and_diameters(segmenter):
+    image = read_image(GOOD[0])
+    shape = r"expected an \(H, W\) or \(H, W, C\) image, got shape \(2, 64, 64, 3\)"
+    with pytest.raises(ValueError, match=shape):
+        segmenter.segment(np.zeros((2, 64, 64, 3), np.uint8))
+    for diameter in (-5.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="diameter must be a positive number of pixels"):
+            segmenter.segment(image, diameter=diameter)
+
+
+def test_unet_names_the_padded_size():
+    network = UNet(base_channels=4, depth=2)
+    with pytest.raises(ValueError, match=r"not a multiple of 4; pad it to \(32, 36\)"):
+        network(torch.zeros(1, 1, 30, 33))
+
+
+def test_config_lists_valid_keys():
+    with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['epochz'\]; valid keys are .*'epochs'"):
+        from_dict(TrainConfig, {"epochz": 3})
+    with pytest.raises(ValueError, match=r"unknown ModelConfig keys \['widht'\]; valid keys are .*'depth'"):
+        from_dict(TrainConfig, {"model": {"widht": 3}})
+
+
+def test_load_model_of_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_model(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="model.json"):
+        load_model(tmp_path)  # a folder, but without a model in it
+
+
+def test_library_does_not_print(segmenter, tmp_path, capsys):
+    image = read_image(GOOD[1])
+    segmenter.segment(image)  # diameter estimated
+    segmenter.segment(image, diameter=17)
+    result = segment_batch([GOOD[1], tmp_path / "missing.png"], tmp_path / "out", segmenter, diameter=17,
+                           progress=False)
+    assert len(result.done) == 1 and len(result.failed) == 1
+    assert capsys.readouterr().out == ""
