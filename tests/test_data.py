@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+
+from nucleiseg.config import AugmentConfig
+from nucleiseg.data import PatchSampler, image_type, prepare_input, prepare_training_image, scale_factor
+from nucleiseg.io import load_dataset
+from nucleiseg.targets import median_diameter
+
+from .conftest import REPO
+
+VALIDATION = REPO / "tests" / "data" / "validation"
+
+
+@pytest.fixture(scope="module")
+def validation_samples():
+    return load_dataset(VALIDATION, progress=False)
+
+
+def test_image_types_of_committed_images(validation_samples):
+    kinds = {s.id[:8]: image_type(s.image) for s in validation_samples}
+    assert kinds == {"05a8f65e": "fluorescence", "1ec74a26": "histology", "2abc40c1": "fluorescence",
+                     "4ae4f936": "histology", "76a372bf": "brightfield"}
+
+
+def test_nuclei_come_out_bright_whatever_the_modality(validation_samples):
+    for s in validation_samples:
+        x = prepare_input(s.image)
+        assert x.dtype == np.float32 and x.shape == s.labels.shape
+        inside, outside = np.median(x[s.labels > 0]), np.median(x[s.labels == 0])
+        assert inside > outside + 0.2, s.id
+
+
+def test_training_images_are_brought_to_the_target_diameter(validation_samples):
+    for s in validation_samples:
+        prepared = prepare_training_image(s, target_diameter=17.0)
+        factor = scale_factor(median_diameter(s.labels), 17.0)
+        assert abs(prepared.rgb.shape[0] - s.image.shape[0] * factor) <= 1
+        assert prepared.targets.shape == (2,) + prepared.rgb.shape[:2]
+        assert set(np.unique(prepared.targets[0])) <= {0, 255}
+
+
+def test_patches_are_valid_and_reproducible(validation_samples):
+    images = [prepare_training_image(s, 17.0) for s in validation_samples]
+    batches = [PatchSampler(images, 64, AugmentConfig(), seed=3).batch(6) for _ in range(2)]
+    x, y = batches[0]
+    assert x.shape == (6, 1, 64, 64) and y.shape == (6, 2, 64, 64)
+    assert np.isfinite(x).all() and set(np.unique(y[:, 0])) <= {0.0, 1.0}
+    assert 0 <= y[:, 1].min() and y[:, 1].max() <= 1
+    np.testing.assert_array_equal(batches[0][0], batches[1][0])
+
+
+def test_scale_factor_is_limited():
+    assert scale_factor(17.0, 17.0) == 1.0
+    assert scale_factor(170.0, 17.0) == 0.25 and scale_factor(1.0, 17.0) == 4.0
+    assert scale_factor(0.0, 17.0) == 1.0
