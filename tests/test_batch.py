@@ -278,3 +278,21 @@ def test_library_does_not_print(segmenter, tmp_path, capsys):
                            progress=False)
     assert len(result.done) == 1 and len(result.failed) == 1
     assert capsys.readouterr().out == ""
+
+
+def test_changed_settings_or_lost_outputs_are_redone(tmp_path, tiny_model):
+    env = cli_env(tmp_path)
+    out = tmp_path / "out"
+    first = run(segment_cmd(GOOD[:2], out, tiny_model), env)
+    assert first.returncode == 0, first.stderr
+    again = run(segment_cmd(GOOD[:2], out, tiny_model), env)
+    assert DONE.search(again.stdout).groups() == ("2", "2", "0")
+    # another label format is another result: redone, and the TIFFs appear
+    as_tif = run(segment_cmd(GOOD[:2], out, tiny_model) + ["--format", "tif"], env)
+    assert DONE.search(as_tif.stdout).groups() == ("2", "0", "0")
+    assert len(list(out.glob("*_labels.tif"))) == 2
+    # a deleted output makes its image count as not done
+    next(out.glob("*_nuclei.csv")).unlink()
+    repaired = run(segment_cmd(GOOD[:2], out, tiny_model) + ["--format", "tif"], env)
+    assert DONE.search(repaired.stdout).groups() == ("2", "1", "0")
+    assert len(list(out.glob("*_nuclei.csv"))) == 2

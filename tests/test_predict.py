@@ -45,5 +45,21 @@ def test_tiled_network_equals_untiled(real_samples):
 
 
 def test_pad_to_multiple():
-    x, (h, w) = pad_to_multiple(np.ones((1, 5, 33), np.float32), 16)
-    assert x.shape == (1, 16, 48) and (h, w) == (5, 33)
+    assert pad_to_multiple(torch.ones(1, 1, 5, 33), 16).shape == (1, 1, 16, 48)
+    padded = pad_to_multiple(torch.arange(40.0).reshape(1, 1, 40, 1).expand(1, 1, 40, 40), 16)
+    assert padded.shape == (1, 1, 48, 48) and padded[0, 0, 40, 0] == 38  # mirrored, not zero
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_tiles_at_another_scale_equal_the_whole_image(real_samples, scale):
+    from nucleiseg.data import prepare_input
+    from nucleiseg.model import UNet
+    from nucleiseg.predict import predict_probabilities
+
+    torch.manual_seed(0)
+    network = UNet(base_channels=4, depth=3).eval()
+    x = prepare_input(real_samples[0].image)
+    whole = predict_probabilities(network, x, scale=scale, tile=1024, overlap=0)
+    tiled = predict_probabilities(network, x, scale=scale, tile=128, overlap=48)
+    assert whole.shape == tiled.shape == (2,) + x.shape
+    assert np.abs(whole - tiled).mean() < 2e-3

@@ -1,10 +1,11 @@
 """Segmenting many images: outputs per image, a summary, a failures list, and resuming after a stop.
 
-For an image ``<name>`` the output folder gets ``<name>_labels.png`` (16-bit labels, or .tif),
-``<name>_overlay.png``, ``<name>_nuclei.csv`` and, written last, ``<name>.done.json``. Every file is written
-atomically, so an image counts as done only when its record exists and matches the input file's size and
-modification time; a rerun of the same command skips it. ``summary.csv`` and ``failures.csv`` are
-rewritten at the end of every run from those records.
+For an image ``<name>`` the output folder gets ``<name>_labels.png`` (16-bit labels; .tif when asked for or
+when there are more than 65535 nuclei), ``<name>_overlay.png``, ``<name>_nuclei.csv`` and, written last,
+``<name>.done.json``. Every file is written atomically, and an image counts as done only when its record
+matches the input file's size and modification time and the run's settings (model weights, thresholds,
+diameter, label format, TTA, tiling) and its outputs still exist; a rerun of the same command skips it.
+``summary.csv`` and ``failures.csv`` are rewritten at the end of every run.
 """
 
 from __future__ import annotations
@@ -48,41 +49,47 @@ def _input_stamp(path: Path) -> dict:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _finished(record_path: Path, path: Path) -> dict | None:
-    """The summary row of an earlier run, if it finished this very input file."""
+def _finished(record_path: Path, path: Path, settings: dict) -> dict | None:
+    """The summary row of an earlier run, if it finished this very input file with the same settings."""
     try:
         record = json.loads(record_path.read_text())
-        return record["summary"] if record["input"] == _input_stamp(path) else None
+        same = record["input"] == _input_stamp(path) and record["settings"] == settings
+        complete = all((record_path.parent / name).exists() for name in record["outputs"])
+        return record["summary"] if same and complete else None
     except (OSError, ValueError, KeyError):
         return None
 
 
-def segment_one(segmenter, path: Path, name: str, out_dir: Path, diameter: float | None, label_suffix: str,
-                max_megapixels: float) -> dict:
-    """Segment one file and write its outputs; raises ImageReadError for unusable files."""
+def segment_one(segmenter, path: Path, name: str, out_dir: Path, diameter: float | None, label_format: str,
+                max_megapixels: float) -> tuple[dict, list[str]]:
+    """Segment one file and write its outputs; returns its summary row and output file names.
+    Raises ImageReadError for unusable files."""
     from nucleiseg.viz import overlay, save_png
 
-    image = read_image(path, max_megapixels)
-    gray = to_gray(image)
+    gray = to_gray(read_image(path, max_megapixels))  # the segmenter works on gray: no need to keep colour
     low, high = float(gray.min()), float(gray.max())
     if low == high:
         raise ImageReadError(f"{path}: image is blank (every pixel is {low:g})")
-    result = segmenter.segment(image, diameter=diameter)
-    del image
-    write_labels(out_dir / f"{name}_labels{label_suffix}", result.labels)
-    save_png(out_dir / f"{name}_overlay.png", overlay(gray, result.labels))
+    result = segmenter.segment(gray, diameter=diameter)
+    if label_format == "png" and result.labels.max() > 65535:
+        log.warning("%s: %d nuclei do not fit a 16-bit PNG; labels written as TIFF", path, result.labels.max())
+        label_format = "tif"
+    outputs = [f"{name}_labels.{label_format}", f"{name}_overlay.png", f"{name}_nuclei.csv"]
+    write_labels(out_dir / outputs[0], result.labels)
+    save_png(out_dir / outputs[1], overlay(gray, result.labels))
     table = measure_nuclei(result.labels, gray)
-    write_table(out_dir / f"{name}_nuclei.csv", table)
+    write_table(out_dir / outputs[2], table)
     areas = table["area"]
-    return {
+    summary = {
         "image": name,
         "nuclei": int(len(areas)),
         "median_area": float(np.median(areas)) if len(areas) else 0.0,
         "diameter": round(result.diameter, 3),
-        "diameter_estimated": diameter is None,
+        "diameter_estimated": diameter is None and result.diameter_known,
         "scale": round(result.scale, 4),
         "path": str(path),
     }
+    return summary, outputs
 
 
 def segment_batch(
@@ -102,24 +109,26 @@ def segment_batch(
     out_dir.mkdir(parents=True, exist_ok=True)
     result = BatchResult()
     names = output_names(inputs)
+    settings = segmenter.settings() | {"diameter": diameter, "format": label_format}
     with logging_redirect_tqdm():  # error lines are printed whole, not mixed into the progress bar
         for path, name in tqdm(list(zip(inputs, names, strict=True)), desc="segmenting", unit="img",
                                disable=not progress):
             record_path = out_dir / f"{name}.done.json"
             try:
-                previous = None if overwrite else _finished(record_path, path)
+                previous = None if overwrite else _finished(record_path, path, settings)
                 if previous is not None:
                     result.done.append(previous)
                     result.skipped += 1
                     continue
-                summary = segment_one(segmenter, path, name, out_dir, diameter, f".{label_format}", max_megapixels)
+                summary, outputs = segment_one(segmenter, path, name, out_dir, diameter, label_format, max_megapixels)
+                record = {"input": _input_stamp(path), "settings": settings, "outputs": outputs, "summary": summary}
                 with atomic_path(record_path) as tmp:
-                    tmp.write_text(json.dumps({"input": _input_stamp(path), "summary": summary}))
+                    tmp.write_text(json.dumps(record))
                 result.done.append(summary)
             except ImageReadError as exc:
                 result.failed.append((str(path), str(exc)))
                 log.error("%s", exc)
-            except (MemoryError, ValueError, OSError, RuntimeError) as exc:
+            except Exception as exc:  # any failure of one image must leave the rest of the batch running
                 message = f"{path}: segmentation failed ({type(exc).__name__}: {exc})"
                 result.failed.append((str(path), message))
                 log.error("%s", message)

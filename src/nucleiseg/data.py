@@ -9,17 +9,16 @@ from scipy import ndimage as ndi
 from skimage import color, transform
 
 from nucleiseg.config import AugmentConfig
-from nucleiseg.io import Sample, to_gray
+from nucleiseg.io import LUMINANCE, Sample, to_gray
 from nucleiseg.targets import make_targets, median_diameter
 
-LUMINANCE = np.array([0.299, 0.587, 0.114], np.float32)
 MAX_RESCALE = 4.0
 
 
 def normalise(gray: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
-    """Map the ``low`` and ``high`` percentiles to 0 and 1 (values outside are kept, not clipped)."""
-    lo, hi = np.percentile(gray, (low, high))
-    return ((gray - lo) / max(hi - lo, 1e-6)).astype(np.float32)
+    """Map the ``low`` and ``high`` percentiles to 0 and 1 (values outside are kept, not clipped); float32."""
+    lo, hi = (float(v) for v in np.percentile(gray, (low, high)))
+    return ((gray - lo) / max(hi - lo, 1e-6)).astype(np.float32, copy=False)
 
 
 def has_bright_background(gray: np.ndarray) -> bool:
@@ -27,14 +26,20 @@ def has_bright_background(gray: np.ndarray) -> bool:
 
     Most pixels of a nucleus image are background, so the median says which side it is on.
     """
-    return bool(np.median(normalise(gray)) > 0.5)
+    lo, median, hi = np.percentile(gray, (1.0, 50.0, 99.8))
+    return bool(median - lo > 0.5 * (hi - lo))
 
 
 def prepare_input(image: np.ndarray) -> np.ndarray:
-    """(H, W[, C]) image of any modality -> (H, W) float32, nuclei bright on a dark background, ~[0, 1]."""
+    """(H, W[, C]) image of any modality -> (H, W) float32 in [0, 1], nuclei bright on a dark background.
+
+    Clipped to [0, 1] as the training patches are, so that rare very bright pixels (common in 16-bit
+    images) do not reach the network at values it never saw."""
     gray = to_gray(image)
     x = normalise(gray)
-    return 1.0 - x if has_bright_background(gray) else x
+    if has_bright_background(gray):
+        np.subtract(1.0, x, out=x)
+    return np.clip(x, 0.0, 1.0, out=x)
 
 
 def image_type(image: np.ndarray) -> str:
@@ -56,7 +61,7 @@ def rescale(array: np.ndarray, factor: float, order: int) -> np.ndarray:
     out = transform.resize(
         array, shape, order=order, preserve_range=True, anti_aliasing=order > 0 and factor < 1, mode="edge"
     )
-    return out.astype(array.dtype)
+    return (out.round() if array.dtype.kind in "iu" else out).astype(array.dtype)
 
 
 @dataclass

@@ -23,11 +23,10 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
+LUMINANCE = np.array([0.299, 0.587, 0.114], np.float32)  # RGB -> gray weights (ITU-R BT.601)
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 MIN_SIDE = 8
 MAX_MEGAPIXELS = 150.0
-# Pillow refuses images above ~179 MP as a "decompression bomb"; we apply our own limit instead.
-Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageReadError(ValueError):
@@ -43,17 +42,34 @@ class Sample:
     labels: np.ndarray | None  # (H, W) uint16 or int32, None for test images
 
 
-def _read_pixels(path: Path) -> np.ndarray:
+def _too_large(path: Path, shape: tuple[int, ...], max_megapixels: float) -> None:
+    """Refuse an image by its header, before decoding it."""
+    h, w = shape[-3:-1] if len(shape) > 2 and shape[-1] <= 4 else shape[-2:]
+    if h * w > max_megapixels * 1e6:
+        raise ImageReadError(
+            f"{path}: is {w}x{h} ({h * w / 1e6:.0f} MP), above the limit of {max_megapixels:.0f} MP; "
+            "split it into tiles or raise --max-megapixels"
+        )
+
+
+def _read_pixels(path: Path, max_megapixels: float) -> np.ndarray:
     if path.suffix.lower() in (".tif", ".tiff"):
-        return tifffile.imread(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow warns about odd PNG chunks; we report real failures below
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_MEGAPIXELS * 1e6:
-                return np.empty((im.height, im.width, 0), np.uint8)  # checked for size below without decoding
-            if im.mode == "P":
-                im = im.convert("RGBA")
-            return np.asarray(im)
+        with tifffile.TiffFile(path) as tif:
+            _too_large(path, tif.series[0].shape, max_megapixels)
+            return tif.asarray()
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        # our own size limit replaces Pillow's decompression-bomb check, for this call only
+        Image.MAX_IMAGE_PIXELS = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns about odd PNG chunks; real failures raise below
+            with Image.open(path) as im:
+                _too_large(path, (im.height, im.width), max_megapixels)
+                if im.mode == "P":
+                    im = im.convert("RGBA")
+                return np.asarray(im)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def read_image(path: str | os.PathLike, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
@@ -70,7 +86,9 @@ def read_image(path: str | os.PathLike, max_megapixels: float = MAX_MEGAPIXELS) 
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: file is empty (0 bytes)")
     try:
-        pixels = _read_pixels(path)
+        pixels = _read_pixels(path, max_megapixels)
+    except ImageReadError:
+        raise
     except PermissionError:
         raise ImageReadError(f"{path}: permission denied") from None
     except Exception as exc:  # Pillow and tifffile raise many types for corrupt files
@@ -86,7 +104,7 @@ def check_image(pixels: np.ndarray, name: str = "image", max_megapixels: float =
         pixels = np.squeeze(pixels, axis=tuple(i for i in range(pixels.ndim - 2) if pixels.shape[i] == 1))
     if pixels.ndim == 3 and pixels.shape[0] <= 4 < pixels.shape[2]:
         pixels = np.moveaxis(pixels, 0, -1)  # TIFFs often store channels first
-    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] > 4):
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and not 1 <= pixels.shape[2] <= 4):
         raise ImageReadError(
             f"{name}: has shape {pixels.shape}; expected a 2-D image (H, W) or (H, W, C) with at most 4 "
             "channels; save one plane of a stack or time series"
@@ -131,11 +149,13 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 3:
         colour = image[..., :3] if image.shape[2] >= 3 else image[..., :1]
-        if colour.shape[2] == 3:
-            weights = np.array([0.299, 0.587, 0.114], np.float32)
-            return colour.astype(np.float32) @ weights
+        if colour.shape[2] == 3:  # channel by channel: no float copy of the whole RGB image
+            gray = colour[..., 0] * LUMINANCE[0]
+            gray += colour[..., 1] * LUMINANCE[1]
+            gray += colour[..., 2] * LUMINANCE[2]
+            return gray.astype(np.float32, copy=False)
         return colour[..., 0].astype(np.float32)
-    return image.astype(np.float32)
+    return image.astype(np.float32, copy=False)
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -263,6 +283,10 @@ def load_dataset(
     return samples
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only if the block succeeds.
@@ -275,6 +299,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

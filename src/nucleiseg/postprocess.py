@@ -51,8 +51,10 @@ def _blockwise(probabilities: np.ndarray, thresholds: PostprocessConfig, diamete
                 if not (y <= cy < y + block and x <= cx < x + block):
                     continue
                 target = out[box[0].start + y0 : box[0].stop + y0, box[1].start + x0 : box[1].stop + x0]
-                target[mask & (target == 0)] = next_label
-                next_label += 1
+                free = mask & (target == 0)
+                if free.any():
+                    target[free] = next_label
+                    next_label += 1
     return out
 
 
@@ -60,9 +62,7 @@ def _instances(probabilities: np.ndarray, thresholds: PostprocessConfig, diamete
     foreground, centre = probabilities
     mask = foreground > thresholds.foreground_threshold
     seeds, _ = ndi.label((centre > thresholds.seed_threshold) & mask)
-    # elevation as 8-bit keeps the watershed's memory small on very large images
-    elevation = (255 - np.clip(centre * 255, 0, 255)).astype(np.uint8)
-    labels = watershed(elevation, seeds, mask=mask)
+    labels = watershed(-centre, seeds, mask=mask)
     min_area = thresholds.min_area_fraction * np.pi * diameter**2 / 4
     return clean(labels, min_area)
 
@@ -80,7 +80,8 @@ def clean(labels: np.ndarray, min_area: float) -> np.ndarray:
         pieces, n = ndi.label(mask)
         if n > 1:  # watershed can leave detached fragments: keep the largest
             mask = pieces == np.argmax(np.bincount(pieces.ravel())[1:]) + 1
-        mask = ndi.binary_fill_holes(mask)
-        out[box][mask & (out[box] == 0)] = next_label
-        next_label += 1
+        free = ndi.binary_fill_holes(mask) & (out[box] == 0)
+        if free.any():  # a nucleus inside another's filled hole has nothing left
+            out[box][free] = next_label
+            next_label += 1
     return out

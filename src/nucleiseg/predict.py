@@ -6,10 +6,12 @@ tensor to (B, K, h, w), so tests can use a pointwise function with a known answe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,15 +32,15 @@ def taper(tile: int, overlap: int) -> np.ndarray:
     return np.clip(ramp, 1e-3, 1).astype(np.float32)
 
 
-def pad_to_multiple(x: np.ndarray, multiple: int, min_size: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
-    """Reflect-pad the last two axes of (..., H, W) up to a multiple of ``multiple`` (at least ``min_size``)."""
-    h, w = x.shape[-2:]
-    ph = -(-max(h, min_size) // multiple) * multiple - h
-    pw = -(-max(w, min_size) // multiple) * multiple - w
-    if ph or pw:
-        mode = "reflect" if min(h, w) > max(ph, pw) else "symmetric"
-        x = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, ph), (0, pw)], mode=mode)
-    return x, (h, w)
+def pad_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad the last two axes of (B, C, H, W) at the bottom and right up to a multiple of ``multiple``
+    (mirroring the image where it is large enough, else repeating its edge)."""
+    h, w = batch.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if not (ph or pw):
+        return batch
+    mode = "reflect" if min(h, w) > max(ph, pw) else "replicate"
+    return torch.nn.functional.pad(batch, (0, pw, 0, ph), mode=mode)
 
 
 def predict_tiled(
@@ -47,27 +49,22 @@ def predict_tiled(
     out_channels: int,
     tile: int = 512,
     overlap: int = 64,
-    multiple: int = 16,
     batch_size: int = 4,
 ) -> np.ndarray:
-    """Run ``predictor`` over (C, H, W) ``image`` in overlapping tiles and blend them.
+    """Run ``predictor`` over (C, H, W) ``image`` in overlapping tiles of at most ``tile`` pixels and blend them.
 
     The tile weights are separable (a product of two 1-D tapers) on a regular grid, so the sum of weights
     at each pixel is a product of two 1-D sums and no full-size weight image is kept in memory.
 
     Returns (out_channels, H, W) float32.
     """
-    if tile % multiple:
-        raise ValueError(f"tile ({tile}) must be a multiple of {multiple}")
-    padded, (h, w) = pad_to_multiple(image, multiple)
-    ph, pw = padded.shape[-2:]
-    th, tw = min(tile, ph), min(tile, pw)
-    ys, xs = tile_starts(ph, th, overlap), tile_starts(pw, tw, overlap)
-    wy, wx = taper(th, overlap) if len(ys) > 1 else np.ones(th, np.float32), (
-        taper(tw, overlap) if len(xs) > 1 else np.ones(tw, np.float32)
-    )
-    out = np.zeros((out_channels, ph, pw), np.float32)
-    norm_y, norm_x = np.zeros(ph, np.float32), np.zeros(pw, np.float32)
+    h, w = image.shape[-2:]
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
+    wy = taper(th, overlap) if len(ys) > 1 else np.ones(th, np.float32)
+    wx = taper(tw, overlap) if len(xs) > 1 else np.ones(tw, np.float32)
+    out = np.zeros((out_channels, h, w), np.float32)
+    norm_y, norm_x = np.zeros(h, np.float32), np.zeros(w, np.float32)
     for y in ys:
         norm_y[y : y + th] += wy
     for x in xs:
@@ -76,28 +73,42 @@ def predict_tiled(
     weight = wy[:, None] * wx[None, :]
     for i in range(0, len(positions), batch_size):
         chunk = positions[i : i + batch_size]
-        batch = np.stack([padded[:, y : y + th, x : x + tw] for y, x in chunk])
+        batch = np.stack([image[:, y : y + th, x : x + tw] for y, x in chunk])
         with torch.inference_mode():
             result = predictor(torch.from_numpy(batch)).float().numpy()
         for (y, x), r in zip(chunk, result, strict=True):
             out[:, y : y + th, x : x + tw] += r * weight
     out /= norm_y[None, :, None]
     out /= norm_x[None, None, :]
-    return out[:, :h, :w]
+    return out
 
 
 def bf16_is_fast() -> bool:
-    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX), so autocast speeds inference up."""
+    """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def network_predictor(network: torch.nn.Module, tta: bool = False, bf16: bool = False) -> Predictor:
-    """Wrap a network that outputs logits into a predictor of probabilities, optionally averaged over the
-    four flips (test-time augmentation) and computed in bfloat16 (probabilities change by about 0.01)."""
+def network_predictor(network: torch.nn.Module, scale: float = 1.0, tta: bool = False, bf16: bool = False) -> Predictor:
+    """Wrap a network that outputs logits into a predictor of probabilities for tiles of any size.
+
+    Each tile is resized by ``scale`` (so that its nuclei have the size the network was trained at),
+    padded to the network's size multiple, predicted, and resized back. Optionally the prediction is
+    averaged over the four flips (test-time augmentation) or computed in bfloat16 (probabilities change
+    by about 0.01).
+    """
+    multiple = 2 ** getattr(network, "depth", 4)
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
+        h, w = batch.shape[-2:]
+        if scale != 1.0:
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            batch = F.interpolate(batch, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
+        sh, sw = batch.shape[-2:]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return torch.sigmoid(network(batch).float())
+            prob = torch.sigmoid(network(pad_to_multiple(batch, multiple)).float())[..., :sh, :sw]
+        if scale != 1.0:
+            prob = F.interpolate(prob, size=(h, w), mode="bilinear", antialias=scale > 1, align_corners=False)
+        return prob
 
     def predict(batch: torch.Tensor) -> torch.Tensor:
         if not tta:
@@ -112,12 +123,24 @@ def network_predictor(network: torch.nn.Module, tta: bool = False, bf16: bool = 
 
 
 def predict_probabilities(
-    network: torch.nn.Module, x: np.ndarray, tile: int = 512, overlap: int = 64, tta: bool = False,
+    network: torch.nn.Module,
+    x: np.ndarray,
+    scale: float = 1.0,
+    tile: int = 512,
+    overlap: int = 64,
+    tta: bool = False,
     bf16: bool = False,
 ) -> np.ndarray:
-    """(H, W) normalised image -> (2, H, W) probabilities: foreground, centre distance."""
+    """(H, W) normalised image -> (2, H, W) probabilities (foreground, centre distance) on the same grid.
+
+    The network sees the image resized by ``scale``, tile by tile: ``tile`` and ``overlap`` are in the
+    network's pixels, so memory stays bounded whatever the image size and scale.
+    """
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D normalised image, got shape {x.shape}")
-    multiple = 2 ** getattr(network, "depth", 4)
-    predictor = network_predictor(network, tta, bf16)
-    return predict_tiled(predictor, x[None].astype(np.float32), 2, tile, overlap, multiple)
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    tile_here = max(16, round(tile / scale))
+    overlap_here = min(math.ceil(overlap / scale), tile_here // 2)
+    predictor = network_predictor(network, scale, tta, bf16)
+    return predict_tiled(predictor, x[None].astype(np.float32, copy=False), 2, tile_here, overlap_here)

@@ -7,19 +7,19 @@ and repeating at the scale that estimate implies until it settles.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
-from skimage import transform
 
 from nucleiseg.config import PostprocessConfig
-from nucleiseg.data import prepare_input, rescale, scale_factor
+from nucleiseg.data import prepare_input, scale_factor
 from nucleiseg.model import DEFAULT_MODEL, ModelBundle, load_model
 from nucleiseg.postprocess import instances
-from nucleiseg.predict import bf16_is_fast, predict_probabilities
+from nucleiseg.predict import predict_probabilities
 from nucleiseg.targets import median_diameter
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class Segmentation:
     labels: np.ndarray  # (H, W) int32, 0 = background
     diameter: float  # median nucleus diameter in pixels: estimated, or as given
     scale: float  # factor the image was resized by before the network
+    diameter_known: bool  # False when the estimate found no nucleus and the training diameter was used
 
 
 class Segmenter:
@@ -50,8 +51,9 @@ class Segmenter:
         Images larger than ``tile`` are predicted in overlapping tiles, so memory stays bounded.
     tta : bool
         Average the predictions of the four flips (4x slower, slightly better).
-    bf16 : bool, optional
-        Run the network in bfloat16; by default where the CPU does it natively (AVX512-BF16, AMX).
+    bf16 : bool
+        Run the network in bfloat16: faster on CPUs that compute it natively (AVX512-BF16, AMX; see
+        ``predict.bf16_is_fast``), probabilities differ by about 0.01 and labels very slightly.
     """
 
     def __init__(
@@ -61,29 +63,39 @@ class Segmenter:
         tile: int = 512,
         overlap: int = 64,
         tta: bool = False,
-        bf16: bool | None = None,
+        bf16: bool = False,
     ):
         self.model = model if isinstance(model, ModelBundle) else load_model(model)
         self.model.network.eval()
         self.thresholds = thresholds or self.model.thresholds
-        self.tile, self.overlap, self.tta = tile, overlap, tta
-        self.bf16 = bf16_is_fast() if bf16 is None else bf16
+        if tile % 16 or tile <= 2 * overlap:
+            raise ValueError(f"tile ({tile}) must be a multiple of 16 and more than twice the overlap ({overlap})")
+        self.tile, self.overlap, self.tta, self.bf16 = tile, overlap, tta, bf16
+
+    def settings(self) -> dict:
+        """What determines the output: a hash of the weights, the thresholds and the prediction options."""
+        digest = hashlib.sha1()
+        for name, tensor in self.model.network.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.cpu().numpy().tobytes())
+        return {"weights": digest.hexdigest()[:16], "target_diameter": self.target_diameter,
+                "thresholds": asdict(self.thresholds), "tile": self.tile, "overlap": self.overlap,
+                "tta": self.tta, "bf16": self.bf16}
 
     @property
     def target_diameter(self) -> float:
         return self.model.target_diameter
 
     def probabilities(self, x: np.ndarray, scale: float) -> np.ndarray:
-        """(H, W) normalised image -> (2, H*scale, W*scale) probabilities at the network's scale."""
-        x = rescale(x, scale, order=1)
-        return predict_probabilities(self.model.network, x, self.tile, self.overlap, self.tta, self.bf16)
+        """(H, W) normalised image -> (2, H, W) probabilities, the network seeing it resized by ``scale``."""
+        return predict_probabilities(self.model.network, x, scale, self.tile, self.overlap, self.tta, self.bf16)
 
     def estimate_diameter(self, x: np.ndarray) -> tuple[float | None, float, np.ndarray | None]:
         """Estimate the median nucleus diameter of normalised image ``x`` (in its own pixels).
 
         Segments a central crop at scale 1, then again at the scale the estimate implies, until the scale
         changes by less than 15%. Returns the diameter (None if no nucleus was found), the settled scale,
-        and, when the crop was the whole image, the network's probabilities at that scale for reuse.
+        and, when the crop was the whole image, the probabilities at that scale for reuse.
         """
         h, w = x.shape
         top, left = max(0, (h - ESTIMATE_CROP) // 2), max(0, (w - ESTIMATE_CROP) // 2)
@@ -91,12 +103,14 @@ class Segmenter:
         scale, diameter, settled = 1.0, None, (1.0, None)
         for _ in range(4):
             probabilities = self.probabilities(crop, scale)
-            found = median_diameter(instances(probabilities, self.thresholds, self.target_diameter))
+            # objects down to a quarter of the size the network expects at this scale still count
+            labels = instances(probabilities, self.thresholds, self.target_diameter / scale / 4)
+            found = median_diameter(labels)
             if found == 0:
                 if diameter is None:
                     settled = (scale, probabilities)
                 break
-            diameter, settled = found / scale, (scale, probabilities)
+            diameter, settled = found, (scale, probabilities)
             new_scale = scale_factor(diameter, self.target_diameter)
             if abs(math.log(new_scale / scale)) < SETTLED:
                 break
@@ -104,19 +118,18 @@ class Segmenter:
         scale, probabilities = settled
         return diameter, scale, probabilities if crop.shape == x.shape else None
 
-    def image_probabilities(self, x: np.ndarray, diameter: float | None = None) -> tuple[np.ndarray, float, float]:
-        """(H, W) normalised image -> (2, H, W) probabilities on the image's own grid, the nucleus diameter
-        (as given, or estimated) and the scale factor the network saw the image at."""
+    def image_probabilities(
+        self, x: np.ndarray, diameter: float | None = None
+    ) -> tuple[np.ndarray, float | None, float]:
+        """(H, W) normalised image -> (2, H, W) probabilities, the nucleus diameter (as given, estimated, or
+        None if the estimate found no nucleus) and the scale factor the network saw the image at."""
         probabilities = None
         if diameter is None:
             diameter, scale, probabilities = self.estimate_diameter(x)
-            diameter = diameter or self.target_diameter
         else:
             scale = scale_factor(diameter, self.target_diameter)
         if probabilities is None:
             probabilities = self.probabilities(x, scale)
-        if probabilities.shape[1:] != x.shape:  # back to the image's own pixel grid
-            probabilities = np.moveaxis(rescale_to(np.moveaxis(probabilities, 0, -1), x.shape), -1, 0)
         return probabilities, diameter, scale
 
     def segment(self, image: np.ndarray, diameter: float | None = None) -> Segmentation:
@@ -134,12 +147,10 @@ class Segmenter:
             raise ValueError(f"expected an (H, W) or (H, W, C) image, got shape {image.shape}")
         if diameter is not None and not diameter > 0:
             raise ValueError(f"diameter must be a positive number of pixels, got {diameter}")
+        given = diameter is not None
         probabilities, diameter, scale = self.image_probabilities(prepare_input(image), diameter)
-        labels = instances(probabilities, self.thresholds, diameter)
-        return Segmentation(labels, float(diameter), scale)
-
-
-def rescale_to(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resize the first two axes of ``array`` to ``shape`` (bilinear)."""
-    return transform.resize(array, tuple(shape) + array.shape[2:], order=1, preserve_range=True).astype(array.dtype)
+        if diameter is None:
+            log.info("no nucleus found while estimating the diameter; using %.0f px", self.target_diameter)
+        labels = instances(probabilities, self.thresholds, diameter or self.target_diameter)
+        return Segmentation(labels, diameter or self.target_diameter, scale, given or diameter is not None)
 

@@ -22,9 +22,8 @@ def centre_distance(labels: np.ndarray) -> np.ndarray:
     for index, box in enumerate(ndi.find_objects(labels), start=1):
         if box is None:
             continue
-        # pad by one pixel so the border of the crop counts as outside
-        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
         mask = labels[box] == index
+        # pad by one pixel so that the border of the crop counts as outside
         dist = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
         out[box][mask] = dist[mask] / dist.max()
     return out

@@ -33,7 +33,7 @@ def tune_thresholds(
     cached = []
     for s in tqdm(samples, desc="predicting", unit="img", disable=not progress, leave=False):
         probabilities, diameter, _ = segmenter.image_probabilities(prepare_input(s.image))
-        cached.append((s, probabilities, diameter))
+        cached.append((s, probabilities, diameter or model.target_diameter))
     best: tuple[PostprocessConfig, Report] | None = None
     for fg, seed in tqdm(list(itertools.product(FOREGROUND, SEED)), desc="thresholds", disable=not progress,
                          leave=False):

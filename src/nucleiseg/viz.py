@@ -1,6 +1,7 @@
 """Figures: nucleus outlines over images, side-by-side comparisons, training curves.
 
-The only module that imports matplotlib (with the Agg backend: no display needed).
+The only module that imports matplotlib. Figures are drawn without pyplot, so no display is needed and a
+notebook's plotting backend is left alone.
 """
 
 from __future__ import annotations
@@ -8,14 +9,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib
+import matplotlib.colors
+import numpy as np
+from matplotlib.figure import Figure
+from skimage.segmentation import find_boundaries
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from skimage.segmentation import find_boundaries  # noqa: E402
-
-from nucleiseg.io import atomic_path, to_rgb_uint8  # noqa: E402
+from nucleiseg.io import atomic_path, to_rgb_uint8
 
 
 def label_colours(n: int, seed: int = 0) -> np.ndarray:
@@ -45,7 +44,6 @@ def save_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
 def _save_figure(fig, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def comparison_figure(
@@ -53,7 +51,8 @@ def comparison_figure(
 ) -> None:
     """One row per image: image / ground truth / prediction, nuclei outlined. ``rows`` holds
     (title, image, true labels or None, predicted labels)."""
-    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 4 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(12, 4 * len(rows)))
+    axes = fig.subplots(len(rows), 3, squeeze=False)
     for ax_row, (title, image, true, pred) in zip(axes, rows, strict=True):
         panels = [
             (to_rgb_uint8(image), title),
@@ -70,7 +69,8 @@ def comparison_figure(
 
 def plot_history(history: Sequence[dict], path: str | os.PathLike, x_key: str = "epoch") -> None:
     """Training loss and validation score per epoch (rows as in history.csv) -> PNG."""
-    fig, loss_ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    loss_ax = fig.subplots()
     x = [float(r[x_key]) for r in history]
     loss_ax.plot(x, [float(r["train_loss"]) for r in history], color="tab:blue", label="training loss")
     loss_ax.set_xlabel(x_key)
