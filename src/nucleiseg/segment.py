@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from nucleiseg.config import PostprocessConfig
-from nucleiseg.data import prepare_input, scale_factor
+from nucleiseg.data import MAX_RESCALE, prepare_input, scale_factor
 from nucleiseg.model import DEFAULT_MODEL, ModelBundle, load_model
 from nucleiseg.postprocess import instances
 from nucleiseg.predict import predict_probabilities
@@ -93,22 +93,25 @@ class Segmenter:
     def estimate_diameter(self, x: np.ndarray) -> tuple[float | None, float, np.ndarray | None]:
         """Estimate the median nucleus diameter of normalised image ``x`` (in its own pixels).
 
-        Segments a central crop at scale 1, then again at the scale the estimate implies, until the scale
-        changes by less than 15%. Returns the diameter (None if no nucleus was found), the settled scale,
-        and, when the crop was the whole image, the probabilities at that scale for reuse.
+        Segments a central crop, coarse to fine: first at scale 1/4, where even large nuclei look like
+        training-sized ones (at scale 1 the network would cut a large nucleus into training-sized pieces
+        and the estimate would agree with itself); finer where nothing is found; then at the scale each
+        estimate implies until it changes by less than 15%. Returns the diameter (None if no nucleus was
+        found), the settled scale and, when the crop was the whole image, the probabilities at that scale.
         """
         h, w = x.shape
         top, left = max(0, (h - ESTIMATE_CROP) // 2), max(0, (w - ESTIMATE_CROP) // 2)
         crop = x[top : top + ESTIMATE_CROP, left : left + ESTIMATE_CROP]
-        scale, diameter, settled = 1.0, None, (1.0, None)
-        for _ in range(4):
+        scale, diameter, settled = 1 / MAX_RESCALE, None, None
+        for _ in range(6):
             probabilities = self.probabilities(crop, scale)
             # objects down to a quarter of the size the network expects at this scale still count
-            labels = instances(probabilities, self.thresholds, self.target_diameter / scale / 4)
-            found = median_diameter(labels)
+            found = median_diameter(instances(probabilities, self.thresholds, self.target_diameter / scale / 4))
             if found == 0:
-                if diameter is None:
-                    settled = (scale, probabilities)
+                if diameter is None and scale < 1:
+                    scale *= 2  # nothing at this scale: the nuclei may be small, look finer
+                    continue
+                settled = settled or (scale, probabilities)
                 break
             diameter, settled = found, (scale, probabilities)
             new_scale = scale_factor(diameter, self.target_diameter)
