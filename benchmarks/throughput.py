@@ -79,9 +79,9 @@ class TimedSegmenter(Segmenter):
         return out
 
 
-def segmentation_throughput(model: str) -> dict:
+def segmentation_throughput(model: str, bf16: bool = False) -> dict:
     samples = load_dataset(TEST_ROOT, progress=False)
-    segmenter = TimedSegmenter(model)
+    segmenter = TimedSegmenter(model, bf16=bf16)
     megapixels = sum(s.image.shape[0] * s.image.shape[1] for s in samples) / 1e6
     started = time.perf_counter()
     nuclei = sum(int(segmenter.segment(s.image).labels.max()) for s in samples)
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="also measure segmentation with --bf16")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -112,10 +113,12 @@ def main() -> None:
         t = training_throughput(load_json(TrainConfig, args.config), args.steps)
         print(f"training: {t['patches_per_s']:.2f} patches/s; network {t['network_gflops']:.1f} GFLOP/s = "
               f"{t['network_gflops'] / limit:.2f} of matmul; data preparation {t['data_share']:.0%} of step time")
-    s = segmentation_throughput(args.model)
-    print(f"segmentation: {s['images']} images, {s['megapixels']:.1f} MP, {s['nuclei']} nuclei in {s['seconds']:.1f} s "
-          f"= {s['mp_per_s']:.2f} MP/s end to end; network {s['network_share']:.0%}, the rest "
-          f"(reading the array, normalising, resizing, watershed) {1 - s['network_share']:.0%}")
+    for bf16 in (False, True) if args.bf16 else (False,):
+        s = segmentation_throughput(args.model, bf16)
+        print(f"segmentation{' (bf16)' if bf16 else ''}: {s['images']} images, {s['megapixels']:.1f} MP, "
+              f"{s['nuclei']} nuclei in {s['seconds']:.1f} s "
+              f"= {s['mp_per_s']:.2f} MP/s end to end; network {s['network_share']:.0%}, the rest "
+              f"(normalising, size estimate's post-processing, watershed) {1 - s['network_share']:.0%}")
 
 
 if __name__ == "__main__":

@@ -52,3 +52,12 @@ def test_blockwise_equals_whole_image(real_samples):
     blocks = instances(probabilities, thresholds, block=200)
     result = match(whole, blocks)
     assert result.n_true == result.n_pred == len(result.ious) and (result.ious == 1).all()
+
+
+def test_foreground_without_a_seed_is_kept_as_one_nucleus():
+    # a faint nucleus: foreground is certain but the centre map never reaches the seed threshold
+    yy, xx = np.mgrid[:40, :40]
+    disc = (yy - 20) ** 2 + (xx - 20) ** 2 < 8**2
+    probabilities = np.stack([disc.astype(np.float32), 0.3 * disc.astype(np.float32)])
+    labels = instances(probabilities, PostprocessConfig(0.5, 0.5, 0.0))
+    assert labels.max() == 1 and (labels > 0).sum() == disc.sum()

@@ -257,7 +257,8 @@ def load_dataset(
 ) -> list[Sample]:
     """Load samples of a competition-layout folder, decoding each once and caching it as .npz.
 
-    The cache key includes the file sizes and modification times, so edited masks or images are re-read.
+    The cache key includes the file sizes and modification times, so edited masks or images are re-read,
+    and the overlap mode, so a strict load never gets labels a lenient one cached.
     Overlapping masks are reported in the log and their shared pixels dropped (``overlap="warn"``), or
     raise (``overlap="error"``).
     """
@@ -267,7 +268,7 @@ def load_dataset(
     samples = []
     for sample_id in tqdm(ids, desc=f"loading {root.name}", unit="img", disable=not progress, leave=False):
         sample_dir = root / sample_id
-        cached = store / f"{sample_id}-{_fingerprint(sample_dir)}.npz"
+        cached = store / f"{sample_id}-{_fingerprint(sample_dir)}-{overlap}.npz"
         if use_cache and cached.exists():
             with np.load(cached) as data:
                 labels = data["labels"] if "labels" in data else None
@@ -300,6 +301,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a crash never leaves an empty file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

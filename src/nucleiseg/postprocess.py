@@ -17,7 +17,8 @@ def instances(
     """(2, H, W) foreground and centre probabilities -> (H, W) int32 labels 1..N.
 
     Seeds are the connected regions where the centre map exceeds ``seed_threshold``; each grows by
-    watershed on the inverted centre map inside the foreground. Objects smaller than
+    watershed on the inverted centre map inside the foreground, and a foreground region that holds no
+    seed becomes one object. Objects smaller than
     ``min_area_fraction`` of a disc of ``diameter`` are removed and holes are filled.
 
     Above ``block`` pixels per side the image is processed in overlapping blocks (see ``_blockwise``).
@@ -61,8 +62,11 @@ def _blockwise(probabilities: np.ndarray, thresholds: PostprocessConfig, diamete
 def _instances(probabilities: np.ndarray, thresholds: PostprocessConfig, diameter: float) -> np.ndarray:
     foreground, centre = probabilities
     mask = foreground > thresholds.foreground_threshold
-    seeds, _ = ndi.label((centre > thresholds.seed_threshold) & mask)
+    seeds, n_seeds = ndi.label((centre > thresholds.seed_threshold) & mask)
     labels = watershed(-centre, seeds, mask=mask)
+    # foreground regions without any seed (small or faint nuclei) are nuclei too, not background
+    unseeded, _ = ndi.label(mask & (labels == 0))
+    labels[unseeded > 0] = unseeded[unseeded > 0] + n_seeds
     min_area = thresholds.min_area_fraction * np.pi * diameter**2 / 4
     return clean(labels, min_area)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from nucleiseg.config import PostprocessConfig
 from nucleiseg.data import MAX_RESCALE, prepare_input, scale_factor
+from nucleiseg.io import check_image
 from nucleiseg.model import DEFAULT_MODEL, ModelBundle, load_model
 from nucleiseg.postprocess import instances
 from nucleiseg.predict import predict_probabilities
@@ -108,7 +109,7 @@ class Segmenter:
             # objects down to a quarter of the size the network expects at this scale still count
             found = median_diameter(instances(probabilities, self.thresholds, self.target_diameter / scale / 4))
             if found == 0:
-                if diameter is None and scale < 1:
+                if diameter is None and scale < MAX_RESCALE:
                     scale *= 2  # nothing at this scale: the nuclei may be small, look finer
                     continue
                 settled = settled or (scale, probabilities)
@@ -145,9 +146,8 @@ class Segmenter:
         diameter : float, optional
             Typical nucleus diameter in pixels. Estimated from the image when not given.
         """
-        image = np.asarray(image)
-        if image.ndim not in (2, 3) or min(image.shape[:2]) < 2:
-            raise ValueError(f"expected an (H, W) or (H, W, C) image, got shape {image.shape}")
+        # raises ImageReadError (a ValueError) that says what is wrong and how to fix it
+        image = check_image(image, max_megapixels=np.inf)
         if diameter is not None and not diameter > 0:
             raise ValueError(f"diameter must be a positive number of pixels, got {diameter}")
         given = diameter is not None
