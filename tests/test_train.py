@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,3 +121,14 @@ def test_resume_without_a_run_is_refused(setup, tmp_path):
     assert len(errors) == 1 and "nothing to resume" in errors[0]
     assert str(tmp_path / "checkpoint.pt") in errors[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_finished_run_trains_longer_with_more_epochs(setup, uninterrupted, tmp_path):
+    _, env = setup
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    result = run(train_cmd("--out", run_dir, "--resume", "--set", "epochs=6"), env)
+    assert result.returncode == 0, result.stderr
+    assert [int(r["epoch"]) for r in history(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 6
+    assert history(run_dir)[:4] == history(uninterrupted)

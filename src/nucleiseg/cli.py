@@ -40,7 +40,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model", formatter_class=formatter)
     p.add_argument("--config", help="JSON training config (see configs/default.json)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (with --set epochs=N: train longer)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config values, e.g. epochs=10 data.patch_size=128")
 
@@ -130,13 +131,17 @@ def _train(args) -> int:
     from nucleiseg.train import fit
 
     if args.resume:
-        if args.config or args.set:
-            raise ValueError("--resume takes the config saved in the run folder; drop --config and --set")
-        cfg = None
+        if args.config:
+            raise ValueError("--resume takes the config saved in the run folder; drop --config")
+        # --set on resume changes the saved config, e.g. epochs=120 to train longer
+        saved = Path(args.out) / "config.json"
+        values = json.loads(saved.read_text()) if args.set and saved.exists() else None
     else:
         values = json.loads(Path(args.config).read_text()) if args.config else {}
+    cfg = None
+    if values is not None:
         cfg = from_dict(TrainConfig, _merge(asdict(from_dict(TrainConfig, values)), _parse_overrides(args.set)))
-    model_dir = fit(cfg or TrainConfig(), args.out, resume=args.resume)
+    model_dir = fit(cfg, args.out, resume=args.resume)
     print(f"best model in {model_dir}")
     return 0
 

@@ -96,10 +96,11 @@ def read_history(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def fit(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> Path:
+def fit(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> Path:
     """Train a model as ``cfg`` says, in ``run_dir``; with ``resume`` continue from its checkpoint.
 
-    Returns the folder of the best model.
+    On resume, ``cfg`` None keeps the run's saved config; a config given replaces it (more epochs extend
+    the cosine schedule from where the run is). Returns the folder of the best model.
     """
     from nucleiseg.segment import Segmenter
 
@@ -108,9 +109,10 @@ def fit(cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, prog
     if resume:
         if not checkpoint_path.exists():
             raise FileNotFoundError(f"{checkpoint_path}: nothing to resume; start without --resume")
-        cfg = load_json(TrainConfig, run_dir / "config.json")
+        cfg = cfg or load_json(TrainConfig, run_dir / "config.json")
     elif checkpoint_path.exists():
         raise FileExistsError(f"{run_dir} already holds a training run; use --resume or another folder")
+    cfg = cfg or TrainConfig()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(cfg, run_dir / "config.json")
     if cfg.num_threads:
