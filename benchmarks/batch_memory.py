@@ -22,23 +22,30 @@ from nucleiseg.io import find_images
 TEST_ROOT = "../shared/data/dsb2018/stage1_test"
 
 
+def segment_peak_rss(inputs: list[str], out: Path, model: str) -> tuple[float, float]:
+    """Run `nucleiseg segment INPUTS --out OUT` in a child process; return its peak RSS (MB) and seconds."""
+    started = time.perf_counter()
+    code = (
+        "import resource, sys\nfrom nucleiseg.cli import main\nrc = main(sys.argv[1:])\n"
+        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "segment", *inputs, "--out", str(out), "--model", model],
+        capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"},
+    )
+    if "PEAK" not in result.stdout:
+        raise RuntimeError(f"nucleiseg segment failed:\n{result.stderr}")
+    peak_kb = int(result.stdout.split("PEAK")[-1].split()[0])
+    return peak_kb / 1024, time.perf_counter() - started
+
+
 def peak_rss_of_batch(count: int, model: str, work: Path) -> tuple[float, float]:
     sources = find_images([TEST_ROOT])
     folder = work / f"in{count}"
     folder.mkdir()
     for i in range(count):
         (folder / f"{i:05d}.png").symlink_to(Path(sources[i % len(sources)]).resolve())
-    started = time.perf_counter()
-    code = (
-        "import resource, sys\nfrom nucleiseg.cli import main\nrc = main(sys.argv[1:])\n"
-        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, "segment", str(folder), "--out", str(work / f"out{count}"), "--model", model],
-        capture_output=True, text=True, check=True, env=os.environ | {"TQDM_DISABLE": "1"},
-    )
-    peak_kb = int(out.stdout.split("PEAK")[-1].split()[0])
-    return peak_kb / 1024, time.perf_counter() - started
+    return segment_peak_rss([str(folder)], work / f"out{count}", model)
 
 
 def main() -> None:

@@ -63,3 +63,29 @@ def test_tiles_at_another_scale_equal_the_whole_image(real_samples, scale):
     tiled = predict_probabilities(network, x, scale=scale, tile=128, overlap=48)
     assert whole.shape == tiled.shape == (2,) + x.shape
     assert np.abs(whole - tiled).mean() < 2e-3
+
+
+class NoNuclei(torch.nn.Module):
+    """A network that never sees a nucleus; records the input sizes it was given."""
+
+    depth = 4
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return torch.full((x.shape[0], 2, *x.shape[-2:]), -10.0)
+
+
+def test_image_without_nuclei_is_searched_up_to_2x_then_segmented_at_1x(real_samples):
+    from nucleiseg.config import ModelConfig
+    from nucleiseg.model import ModelBundle
+    from nucleiseg.segment import Segmenter
+
+    network = NoNuclei()
+    image = real_samples[0].image  # 256 x 256
+    result = Segmenter(ModelBundle(network, ModelConfig(), 17.0)).segment(image)
+    assert result.labels.max() == 0 and result.scale == 1 and not result.diameter_known
+    assert max(network.sizes) == (512, 512)  # looked at 2x, never at 4x

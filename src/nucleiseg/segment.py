@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 ESTIMATE_CROP = 768  # side of the central crop used to estimate the diameter
 SETTLED = math.log(1.15)  # stop refining once the scale changes by less than 15%
+# where the network finds nothing, it looks again at up to this scale (nuclei of 4-8 px then reach
+# training size); an image where nothing is found at all is segmented at scale 1
+LOOK_FINER_UP_TO = 2.0
 
 
 @dataclass
@@ -96,9 +99,10 @@ class Segmenter:
 
         Segments a central crop, coarse to fine: first at scale 1/4, where even large nuclei look like
         training-sized ones (at scale 1 the network would cut a large nucleus into training-sized pieces
-        and the estimate would agree with itself); finer where nothing is found; then at the scale each
-        estimate implies until it changes by less than 15%. Returns the diameter (None if no nucleus was
-        found), the settled scale and, when the crop was the whole image, the probabilities at that scale.
+        and the estimate would agree with itself); finer, up to 2x, where nothing is found; then at the
+        scale each estimate implies until it changes by less than 15%. Returns the diameter (None if no
+        nucleus was found; the scale is then 1), the settled scale and, when the crop was the whole image,
+        the probabilities at that scale.
         """
         h, w = x.shape
         top, left = max(0, (h - ESTIMATE_CROP) // 2), max(0, (w - ESTIMATE_CROP) // 2)
@@ -109,11 +113,12 @@ class Segmenter:
             # objects down to a quarter of the size the network expects at this scale still count
             found = median_diameter(instances(probabilities, self.thresholds, self.target_diameter / scale / 4))
             if found == 0:
-                if diameter is None and scale < MAX_RESCALE:
+                if diameter is None and scale < LOOK_FINER_UP_TO:
+                    if scale == 1:
+                        settled = (scale, probabilities)  # used if nothing is found at any scale
                     scale *= 2  # nothing at this scale: the nuclei may be small, look finer
                     continue
-                settled = settled or (scale, probabilities)
-                break
+                break  # keep the last scale where nuclei were found (or scale 1)
             diameter, settled = found, (scale, probabilities)
             new_scale = scale_factor(diameter, self.target_diameter)
             if abs(math.log(new_scale / scale)) < SETTLED:
