@@ -229,7 +229,7 @@ def _seed(args) -> int:
     print(report.table())
     out = Path(args.out)
     (out / "validation.json").write_text(json.dumps(report.as_dict(), indent=2))
-    plot_history([dict(h, val_score="") for h in history], out / "curve.png")
+    plot_history(history, out / "curve.png")
     shown = list(zip(val_samples, predicted, strict=True))[:4]
     comparison_figure([(s.id[:16], s.image, s.labels, p) for s, p in shown], out / "show.png")
     test_samples = load_dataset(args.test)

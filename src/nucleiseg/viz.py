@@ -68,13 +68,16 @@ def comparison_figure(
 
 
 def plot_history(history: Sequence[dict], path: str | os.PathLike, x_key: str = "epoch") -> None:
-    """Training loss and validation score per epoch (rows as in history.csv) -> PNG."""
+    """Training loss (and validation loss or score, where given) per epoch (rows as in history.csv) -> PNG."""
     fig = Figure(figsize=(7, 4))
     loss_ax = fig.subplots()
     x = [float(r[x_key]) for r in history]
     loss_ax.plot(x, [float(r["train_loss"]) for r in history], color="tab:blue", label="training loss")
+    if history and "val_loss" in history[0]:  # the seed recipe's early stopping watches the validation loss
+        loss_ax.plot(x, [float(r["val_loss"]) for r in history], "--", color="tab:blue", label="validation loss")
+        loss_ax.legend(loc="upper center")
     loss_ax.set_xlabel(x_key)
-    loss_ax.set_ylabel("training loss", color="tab:blue")
+    loss_ax.set_ylabel("loss", color="tab:blue")
     score_key = "val_dsb" if history and "val_dsb" in history[0] else "val_score"
     scored = [(xi, float(r[score_key])) for xi, r in zip(x, history, strict=True) if r.get(score_key) not in ("", None)]
     if scored:
