@@ -12,7 +12,8 @@ from nucleiseg.config import AugmentConfig
 from nucleiseg.io import LUMINANCE, Sample, to_gray
 from nucleiseg.targets import make_targets, median_diameter
 
-MAX_RESCALE = 4.0
+# images are rescaled by at most these factors: nuclei from ~4 px to ~140 px wide reach the training size
+MIN_SCALE, MAX_SCALE = 1 / 8, 4.0
 
 
 def normalise(gray: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
@@ -77,10 +78,10 @@ class TrainingImage:
 
 
 def scale_factor(diameter: float, target_diameter: float) -> float:
-    """Factor that brings nuclei of ``diameter`` to ``target_diameter``, limited to [1/4, 4]."""
+    """Factor that brings nuclei of ``diameter`` to ``target_diameter``, limited to [1/8, 4]."""
     if diameter <= 0:
         return 1.0
-    return float(np.clip(target_diameter / diameter, 1 / MAX_RESCALE, MAX_RESCALE))
+    return float(np.clip(target_diameter / diameter, MIN_SCALE, MAX_SCALE))
 
 
 def prepare_training_image(sample: Sample, target_diameter: float) -> TrainingImage:

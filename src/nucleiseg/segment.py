@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from nucleiseg.config import PostprocessConfig
-from nucleiseg.data import MAX_RESCALE, prepare_input, scale_factor
+from nucleiseg.data import MIN_SCALE, prepare_input, scale_factor
 from nucleiseg.io import check_image
 from nucleiseg.model import DEFAULT_MODEL, ModelBundle, load_model
 from nucleiseg.postprocess import instances
@@ -97,7 +97,7 @@ class Segmenter:
     def estimate_diameter(self, x: np.ndarray) -> tuple[float | None, float, np.ndarray | None]:
         """Estimate the median nucleus diameter of normalised image ``x`` (in its own pixels).
 
-        Segments a central crop, coarse to fine: first at scale 1/4, where even large nuclei look like
+        Segments a central crop, coarse to fine: first at scale 1/8, where even large nuclei look like
         training-sized ones (at scale 1 the network would cut a large nucleus into training-sized pieces
         and the estimate would agree with itself); finer, up to 2x, where nothing is found; then at the
         scale each estimate implies until it changes by less than 15%. Returns the diameter (None if no
@@ -107,7 +107,7 @@ class Segmenter:
         h, w = x.shape
         top, left = max(0, (h - ESTIMATE_CROP) // 2), max(0, (w - ESTIMATE_CROP) // 2)
         crop = x[top : top + ESTIMATE_CROP, left : left + ESTIMATE_CROP]
-        scale, diameter, settled = 1 / MAX_RESCALE, None, None
+        scale, diameter, settled = MIN_SCALE, None, None
         for _ in range(6):
             probabilities = self.probabilities(crop, scale)
             # objects down to a quarter of the size the network expects at this scale still count
