@@ -51,5 +51,5 @@ def test_patches_are_valid_and_reproducible(validation_samples):
 
 def test_scale_factor_is_limited():
     assert scale_factor(17.0, 17.0) == 1.0
-    assert scale_factor(170.0, 17.0) == 0.25 and scale_factor(1.0, 17.0) == 4.0
+    assert scale_factor(170.0, 17.0) == 0.125 and scale_factor(1.0, 17.0) == 4.0
     assert scale_factor(0.0, 17.0) == 1.0
