@@ -10,6 +10,8 @@ diameter, label format, TTA, tiling) and its outputs still exist; a rerun of the
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
 import os
@@ -34,6 +36,23 @@ class BatchResult:
     done: list[dict] = field(default_factory=list)  # summary rows, in input order
     skipped: int = 0  # already done by an earlier run
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap memory freed by the last image back to the OS. glibc keeps it otherwise, and over
+    images of varied sizes the resident memory of a batch then grows (1.06 -> 1.34 GB mean over 65 images
+    seen twice, vs 0.39 GB flat with the trim)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def output_names(paths: list[Path]) -> list[str]:
@@ -132,6 +151,8 @@ def segment_batch(
                 message = f"{path}: segmentation failed ({type(exc).__name__}: {exc})"
                 result.failed.append((str(path), message))
                 log.error("%s", message)
+            finally:
+                release_freed_memory()
     write_table(out_dir / "summary.csv", {k: [row[k] for row in result.done] for k in SUMMARY_FIELDS})
     failures_path = out_dir / "failures.csv"
     if result.failed:
