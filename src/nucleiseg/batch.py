@@ -150,8 +150,7 @@ def segment_batch(
                 message = f"{path}: segmentation failed ({type(exc).__name__}: {exc})"
                 result.failed.append((str(path), message))
                 log.error("%s", message)
-            finally:
-                release_freed_memory()
+            release_freed_memory()  # after a segmented or failed image; skipped ones freed nothing
     write_table(out_dir / "summary.csv", {k: [row[k] for row in result.done] for k in SUMMARY_FIELDS})
     failures_path = out_dir / "failures.csv"
     if result.failed:
