@@ -6,13 +6,11 @@ committed validation images, and the shipped model on the first of them at 3x.
 import argparse
 
 import numpy as np
-import torch
 
 from nucleiseg.data import rescale
 from nucleiseg.io import load_dataset
 from nucleiseg.metrics import evaluate, match
-from nucleiseg.model import build_model
-from nucleiseg.seed import SeedConfig, predict_seed, resize_images
+from nucleiseg.seed import load_seed_network, predict_seed, resize_images
 from nucleiseg.segment import Segmenter
 from nucleiseg.targets import median_diameter
 
@@ -20,10 +18,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--seed-run", default="runs/seed", help="folder with the seed recipe's seed_weights.pt")
 args = parser.parse_args()
 samples = load_dataset("tests/data/validation", progress=False)
-network = build_model(SeedConfig().model)
-network.load_state_dict(torch.load(f"{args.seed_run}/seed_weights.pt", weights_only=True))
-network.eval()
-seed_labels = predict_seed(network, resize_images(samples))
+seed_labels = predict_seed(load_seed_network(args.seed_run), resize_images(samples))
 seed = evaluate((s.id, s.labels, p) for s, p in zip(samples, seed_labels, strict=True))
 segmenter = Segmenter()
 shipped = evaluate((s.id, s.labels, segmenter.segment(s.image).labels) for s in samples)

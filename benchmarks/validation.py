@@ -14,12 +14,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from nucleiseg.config import TrainConfig
 from nucleiseg.data import image_type
 from nucleiseg.metrics import evaluate
-from nucleiseg.seed import SeedConfig, predict_seed, resize_images, train_seed
+from nucleiseg.seed import SeedConfig, load_seed_network, predict_seed, resize_images, train_seed
 from nucleiseg.segment import Segmenter
 from nucleiseg.train import load_split
 
@@ -70,10 +68,7 @@ def main() -> None:
         weights = Path(args.seed_run) / "seed_weights.pt"
         started = time.perf_counter()
         if args.reuse_seed and weights.exists():
-            from nucleiseg.model import build_model
-
-            network = build_model(seed_cfg.model)
-            network.load_state_dict(torch.load(weights, weights_only=True))
+            network = load_seed_network(args.seed_run, seed_cfg)
         else:
             network, _ = train_seed(train, val, seed_cfg, args.seed_run)
         timings["seed training (min)"] = (time.perf_counter() - started) / 60

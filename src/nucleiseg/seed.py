@@ -115,8 +115,14 @@ def train_seed(
             since_best += 1
             if since_best >= cfg.patience:
                 break
-    network.load_state_dict(torch.load(out_dir / "seed_weights.pt", weights_only=True))
-    return network.eval(), history
+    return load_seed_network(out_dir, cfg), history
+
+
+def load_seed_network(out_dir: str | os.PathLike, cfg: SeedConfig | None = None) -> UNet:
+    """The seed U-Net with the best weights that ``train_seed`` kept in ``out_dir``, ready to predict."""
+    network = build_model((cfg or SeedConfig()).model)
+    network.load_state_dict(torch.load(Path(out_dir) / "seed_weights.pt", weights_only=True))
+    return network.eval()
 
 
 def predict_seed(network: UNet, arrays: SeedArrays, threshold: float = 0.5) -> list[np.ndarray]:
