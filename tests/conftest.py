@@ -1,12 +1,15 @@
-"""Shared fixtures: the real Data Science Bowl data beside the repository."""
+"""Shared fixtures. Unit tests use the real images committed in tests/data; only the tests that take the
+``train_root`` fixture need the Data Science Bowl data beside the repository (../shared), and skip without it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+VALIDATION = REPO / "tests" / "data" / "validation"  # 5 real validation images with their masks
 DSB = REPO.parent / "shared" / "data" / "dsb2018"
 TRAIN = DSB / "stage1_train"
 TEST = DSB / "stage1_test"
@@ -21,18 +24,46 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def train_root() -> Path:
     if not TRAIN.is_dir():
-        pytest.fail(f"real training data not found at {TRAIN}")
+        pytest.skip(f"real training data not found at {TRAIN} (the DSB 2018 data, see the README)")
     return TRAIN
 
 
 @pytest.fixture(scope="session")
-def real_samples(train_root):
-    """Three real training images of different kinds (fluorescence, histology, large fluorescence)."""
-    from nucleiseg.io import load_sample
+def validation_samples():
+    """The committed images: fluorescence 256x256, histology, histology, large fluorescence, brightfield."""
+    from nucleiseg.io import load_dataset
 
-    ids = [
-        "00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552",
-        "0121d6759c5adb290c8e828fc882f37dfaf3663ec885c663859948c154a443ed",
-        "4ca5081854df7bbcaa4934fcf34318f82733a0f8c05b942c2265eea75419d62f",
-    ]
-    return [load_sample(train_root / i, overlap="warn") for i in ids]
+    return load_dataset(VALIDATION, progress=False, use_cache=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, validation_samples) -> Path:
+    """A model folder with an untrained 2-level U-Net (4 base channels), saved with save_model.
+
+    Its BatchNorm statistics are taken from one real image and its thresholds lowered, so that it finds
+    "nuclei" (random ones) and the label images compared in tests are not all empty.
+    """
+    import torch
+
+    from nucleiseg.config import ModelConfig, PostprocessConfig
+    from nucleiseg.data import prepare_input
+    from nucleiseg.model import ModelBundle, UNet, save_model
+
+    torch.manual_seed(0)
+    network = UNet(base_channels=4, depth=2)
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # running statistics = plain average of what the network sees
+    network.train()
+    with torch.no_grad():
+        x = prepare_input(validation_samples[0].image)
+        network(torch.from_numpy(np.ascontiguousarray(x))[None, None])
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.1
+    network.eval()
+    bundle = ModelBundle(network, ModelConfig(base_channels=4, depth=2), target_diameter=17.0,
+                         thresholds=PostprocessConfig(foreground_threshold=0.5, marker_threshold=0.38))
+    folder = tmp_path_factory.mktemp("tiny_model")
+    save_model(folder, bundle)
+    return folder

@@ -23,10 +23,9 @@ import torch
 from PIL import Image
 
 from nucleiseg.batch import segment_batch
-from nucleiseg.config import ModelConfig, PostprocessConfig, TrainConfig, from_dict
-from nucleiseg.data import prepare_input
+from nucleiseg.config import TrainConfig, from_dict
 from nucleiseg.io import read_image
-from nucleiseg.model import ModelBundle, UNet, load_model, save_model
+from nucleiseg.model import UNet, load_model
 from nucleiseg.segment import Segmenter
 
 from .conftest import REPO
@@ -34,33 +33,6 @@ from .conftest import REPO
 VALIDATION = REPO / "tests" / "data" / "validation"
 GOOD = sorted(VALIDATION.glob("*/images/*.png"))
 DONE = re.compile(r"(\d+) images segmented \((\d+) already done\), (\d+) failed")
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A model folder with an untrained 2-level U-Net (4 base channels), saved with save_model.
-
-    Its BatchNorm statistics are taken from one real image and its thresholds lowered, so that it finds
-    "nuclei" (random ones) and the label images compared below are not all empty.
-    """
-    torch.manual_seed(0)
-    network = UNet(base_channels=4, depth=2)
-    for module in network.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # running statistics = plain average of what the network sees
-    network.train()
-    with torch.no_grad():
-        x = prepare_input(read_image(GOOD[0]))
-        network(torch.from_numpy(np.ascontiguousarray(x))[None, None])
-    for module in network.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = 0.1
-    network.eval()
-    bundle = ModelBundle(network, ModelConfig(base_channels=4, depth=2), target_diameter=17.0,
-                         thresholds=PostprocessConfig(foreground_threshold=0.5, seed_threshold=0.38))
-    folder = tmp_path_factory.mktemp("tiny_model")
-    save_model(folder, bundle)
-    return folder
 
 
 def cli_env(tmp: Path) -> dict:
@@ -172,13 +144,11 @@ def test_unreadable_file_is_reported(tmp_path, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def eight_images(tmp_path_factory, train_root) -> Path:
-    """Eight real images of several kinds and sizes in one folder."""
+def eight_images(tmp_path_factory) -> Path:
+    """Eight real images of several kinds and sizes in one folder: the committed ones and three samples."""
     folder = tmp_path_factory.mktemp("eight")
-    extra = ["00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552",
-             "0121d6759c5adb290c8e828fc882f37dfaf3663ec885c663859948c154a443ed",
-             "4ca5081854df7bbcaa4934fcf34318f82733a0f8c05b942c2265eea75419d62f"]
-    for source in GOOD + [train_root / i / "images" / f"{i}.png" for i in extra]:
+    extra = sorted((REPO / "src" / "nucleiseg" / "samples").glob("*.png"))[:3]
+    for source in GOOD + extra:
         shutil.copy(source, folder / source.name)
     assert len(list(folder.iterdir())) == 8
     return folder
@@ -303,3 +273,92 @@ def test_changed_settings_or_lost_outputs_are_redone(tmp_path, tiny_model):
     repaired = run(segment_cmd(GOOD[:2], out, tiny_model) + ["--format", "tif"], env)
     assert DONE.search(repaired.stdout).groups() == ("2", "1", "0")
     assert len(list(out.glob("*_nuclei.csv"))) == 2
+
+
+def test_changed_threshold_or_version_makes_a_rerun_redo_the_image(tmp_path, tiny_model, monkeypatch):
+    import nucleiseg
+
+    def rerun(segmenter):
+        result = segment_batch(GOOD[:1], tmp_path / "out", segmenter, diameter=17, progress=False)
+        return len(result.done) - result.skipped  # images segmented anew
+
+    assert rerun(Segmenter(tiny_model)) == 1
+    assert rerun(Segmenter(tiny_model)) == 0
+    assert rerun(Segmenter(tiny_model, marker_threshold=0.4)) == 1  # another threshold: redone
+    assert rerun(Segmenter(tiny_model, marker_threshold=0.4)) == 0
+    monkeypatch.setattr(nucleiseg, "__version__", "99.0")  # another version of the code: redone
+    assert rerun(Segmenter(tiny_model, marker_threshold=0.4)) == 1
+    assert rerun(Segmenter(tiny_model, marker_threshold=0.4)) == 0
+
+
+def test_inference_settings_come_from_the_model_folder(tmp_path, tiny_model):
+    import json
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    settings = json.loads((folder / "inference.json").read_text())
+    assert settings["tile"] == 512 and "thresholds" not in settings  # thresholds stay in thresholds.json
+    (folder / "inference.json").write_text(json.dumps(settings | {"tile": 256, "tta": True}))
+    segmenter = Segmenter(folder)
+    assert segmenter.config.tile == 256 and segmenter.config.tta
+    assert segmenter.config.thresholds.marker_threshold == 0.38
+    assert Segmenter(folder, tta=False).config.tta is False  # an option given overrides the folder's
+    (folder / "inference.json").unlink()
+    assert Segmenter(folder).config.tile == 512  # defaults when the file is absent
+    (folder / "inference.json").write_text(json.dumps({"tiles": 256}))
+    with pytest.raises(ValueError, match=r"unknown InferenceConfig keys \['tiles'\]"):
+        Segmenter(folder)
+
+
+def test_segmenter_pickles_as_model_folder_and_settings(tiny_model):
+    import pickle
+
+    segmenter = Segmenter(tiny_model, marker_threshold=0.4)
+    data = pickle.dumps(segmenter)
+    assert len(data) < 2000  # no weights: a worker rebuilds the network from the folder
+    rebuilt = pickle.loads(data)
+    assert rebuilt.config == segmenter.config
+    image = read_image(GOOD[0])
+    np.testing.assert_array_equal(rebuilt.segment(image, 17).labels, segmenter.segment(image, 17).labels)
+    with pytest.raises(TypeError, match="model folder"):
+        pickle.dumps(Segmenter(load_model(tiny_model)))
+
+
+def test_outputs_are_chosen_by_name_and_show_the_image_as_read(tmp_path, tiny_model):
+    from nucleiseg.viz import overlay
+
+    rgb = GOOD[1]  # a colour (histology) image
+    result = run(segment_cmd([rgb], tmp_path / "out", tiny_model) + ["--outputs", "overlay,csv"], cli_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    made = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert made == sorted([f"{rgb.stem}_overlay.png", f"{rgb.stem}_nuclei.csv", f"{rgb.stem}.done.json",
+                           "summary.csv"])
+    segmentation = Segmenter(tiny_model).segment_file(rgb, 17)
+    image = read_image(rgb)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / f"{rgb.stem}_overlay.png")),
+                                  overlay(image, segmentation.labels))  # in colour, not gray
+    rows = read_csv(tmp_path / "out" / f"{rgb.stem}_nuclei.csv")
+    assert {"mean_intensity_red", "mean_intensity_green", "max_intensity_blue"} <= set(rows[0])
+    inside = image[segmentation.labels == int(rows[0]["label"])]
+    assert float(rows[0]["mean_intensity_green"]) == pytest.approx(inside[:, 1].mean(), abs=1e-4)
+    bad = run(segment_cmd([rgb], tmp_path / "out2", tiny_model) + ["--outputs", "labels,mesh"], cli_env(tmp_path))
+    assert bad.returncode == 2 and "unknown outputs ['mesh']; choose among labels, overlay, csv" in bad.stderr
+
+
+def test_gray_images_have_gray_intensity_columns_and_tiff_pixel_size(tmp_path, tiny_model):
+    gray = (read_image(GOOD[0])[..., 0]).astype(np.uint16) * 100
+    tifffile.imwrite(tmp_path / "gray.tif", gray, resolution=(2.0, 4.0), resolutionunit="MICROMETER")
+    result = Segmenter(tiny_model).segment_file(tmp_path / "gray.tif", 17)
+    assert result.metadata.pixel_size == pytest.approx((0.25, 0.5))  # (y, x) micrometres per pixel
+    assert result.image.dtype == np.uint16 and set(result.timings) == {"read", "predict", "postprocess"}
+    from nucleiseg.outputs import write_outputs
+
+    write_outputs(result, tmp_path / "gray", ("csv",))
+    columns = read_csv(tmp_path / "gray_nuclei.csv")[0]
+    assert "mean_intensity_gray" in columns and "mean_intensity" not in columns
+    ome = tmp_path / "ome.tif"
+    tifffile.imwrite(ome, gray, ome=True, metadata={"PhysicalSizeX": 0.65, "PhysicalSizeY": 0.65})
+    from nucleiseg.io import read_metadata
+
+    assert read_metadata(ome).pixel_size == pytest.approx((0.65, 0.65))
+    assert read_metadata(GOOD[0]).pixel_size is None

@@ -49,3 +49,13 @@ def test_errors_are_one_line_and_exit_nonzero(tmp_path):
     out = run_cli("evaluate", tmp_path / "nothing", "--truth", tmp_path / "missing")
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "missing" in out.stderr
+
+
+def test_segment_help_shows_the_inference_defaults():
+    from nucleiseg.config import InferenceConfig
+
+    text = " ".join(get_parser()._subparsers._group_actions[0].choices["segment"].format_help().split())
+    defaults = InferenceConfig()
+    assert f"(multiple of 16) (default: {defaults.tile})" in text
+    assert f"(default: {defaults.max_megapixels})" in text
+    assert "--outputs OUTPUTS comma-separated outputs per image, among labels, overlay, csv" in text

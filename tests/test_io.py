@@ -89,8 +89,8 @@ def test_check_image_rejects(array, message):
         check_image(array, "img.tif")
 
 
-def test_read_image_formats(tmp_path, real_samples):
-    rgb = real_samples[0].image
+def test_read_image_formats(tmp_path, validation_samples):
+    rgb = validation_samples[0].image
     tifffile.imwrite(tmp_path / "a.tif", (rgb[..., 0].astype(np.uint16) * 257))
     Image.fromarray(rgb).save(tmp_path / "b.png")
     (tmp_path / "c.png").write_text("not an image")
@@ -110,8 +110,8 @@ def test_to_gray_and_rgb():
     np.testing.assert_allclose(to_gray(np.dstack([gray16] * 3)), gray16, rtol=1e-5)
 
 
-def test_labels_round_trip(tmp_path, real_samples):
-    labels = real_samples[1].labels.astype(np.int32)
+def test_labels_round_trip(tmp_path, validation_samples):
+    labels = validation_samples[1].labels.astype(np.int32)
     for name in ("l.png", "l.tif"):
         write_labels(tmp_path / name, labels)
         np.testing.assert_array_equal(read_labels(tmp_path / name), labels)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from nucleiseg.io import load_dataset, sample_ids
 from nucleiseg.metrics import DSB_THRESHOLDS, evaluate, iou_matrix, match
-
-ROOT = Path(__file__).parents[2] / "shared/data/dsb2018/stage1_train"
 
 
 def square(shape=(20, 20), top=5, left=5, size=10, label=1, out=None):
@@ -239,13 +235,11 @@ def test_report_as_dict_and_table():
 
 
 @pytest.fixture(scope="module")
-def real_labels(tmp_path_factory):
+def real_labels(tmp_path_factory, train_root):
     """Ground-truth label images of the first three training images (sorted ids)."""
-    if not ROOT.is_dir():
-        pytest.fail(f"real training data not found at {ROOT}")
     with pytest.MonkeyPatch.context() as mp:  # keep the decoded-sample cache out of the user's home
         mp.setenv("NUCLEISEG_CACHE", str(tmp_path_factory.mktemp("cache")))
-        samples = load_dataset(ROOT, ids=sample_ids(ROOT)[:3], progress=False)
+        samples = load_dataset(train_root, ids=sample_ids(train_root)[:3], progress=False)
     assert len(samples) == 3
     return [(s.id, s.labels) for s in samples]
 

@@ -2,11 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from nucleiseg.predict import pad_to_multiple, predict_tiled, tile_starts
+from nucleiseg.config import InferenceConfig
+from nucleiseg.predict import TorchPredictor, pad_to_multiple, predict_tiled, tile_starts
 
 
-def plus_one(batch: torch.Tensor) -> torch.Tensor:
-    return torch.cat([batch + 1, batch * 2], dim=1)
+def plus_one(batch: np.ndarray) -> np.ndarray:
+    return np.concatenate([batch + 1, batch * 2], axis=1)
+
+
+def predictor(network) -> TorchPredictor:
+    return TorchPredictor(network, 2**network.depth, out_channels=2)
 
 
 @pytest.mark.parametrize("shape", [(37, 53), (256, 256), (300, 1000), (1023, 517)])
@@ -29,16 +34,16 @@ def test_tiles_cover_and_overlap():
         tile_starts(1000, 64, 64)
 
 
-def test_tiled_network_equals_untiled(real_samples):
+def test_tiled_network_equals_untiled(validation_samples):
     from nucleiseg.data import prepare_input
     from nucleiseg.model import UNet
     from nucleiseg.predict import predict_probabilities
 
     torch.manual_seed(0)
     network = UNet(base_channels=4, depth=3).eval()
-    x = prepare_input(real_samples[0].image)
-    whole = predict_probabilities(network, x, tile=512, overlap=0)
-    tiled = predict_probabilities(network, x, tile=128, overlap=48)
+    x = prepare_input(validation_samples[0].image)
+    whole = predict_probabilities(predictor(network), x, config=InferenceConfig(tile=512, overlap=0))
+    tiled = predict_probabilities(predictor(network), x, config=InferenceConfig(tile=128, overlap=48))
     # tiles see less context at their borders; with an overlap wider than the border effect they agree
     assert np.abs(whole - tiled).max() < 0.02
     assert np.abs(whole - tiled).mean() < 1e-3
@@ -51,24 +56,22 @@ def test_pad_to_multiple():
 
 
 @pytest.mark.parametrize("scale", [0.5, 2.0])
-def test_tiles_at_another_scale_equal_the_whole_image(real_samples, scale):
+def test_tiles_at_another_scale_equal_the_whole_image(validation_samples, scale):
     from nucleiseg.data import prepare_input
     from nucleiseg.model import UNet
     from nucleiseg.predict import predict_probabilities
 
     torch.manual_seed(0)
     network = UNet(base_channels=4, depth=3).eval()
-    x = prepare_input(real_samples[0].image)
-    whole = predict_probabilities(network, x, scale=scale, tile=1024, overlap=0)
-    tiled = predict_probabilities(network, x, scale=scale, tile=128, overlap=48)
+    x = prepare_input(validation_samples[0].image)
+    whole = predict_probabilities(predictor(network), x, scale, InferenceConfig(tile=1024, overlap=0))
+    tiled = predict_probabilities(predictor(network), x, scale, InferenceConfig(tile=128, overlap=48))
     assert whole.shape == tiled.shape == (2,) + x.shape
     assert np.abs(whole - tiled).mean() < 2e-3
 
 
 class NoNuclei(torch.nn.Module):
     """A network that never sees a nucleus; records the input sizes it was given."""
-
-    depth = 4
 
     def __init__(self):
         super().__init__()
@@ -79,13 +82,46 @@ class NoNuclei(torch.nn.Module):
         return torch.full((x.shape[0], 2, *x.shape[-2:]), -10.0)
 
 
-def test_image_without_nuclei_is_searched_up_to_2x_then_segmented_at_1x(real_samples):
+def test_image_without_nuclei_is_searched_up_to_2x_then_segmented_at_1x(validation_samples):
     from nucleiseg.config import ModelConfig
     from nucleiseg.model import ModelBundle
     from nucleiseg.segment import Segmenter
 
     network = NoNuclei()
-    image = real_samples[0].image  # 256 x 256
+    image = validation_samples[0].image  # 256 x 256
     result = Segmenter(ModelBundle(network, ModelConfig(), 17.0)).segment(image)
-    assert result.labels.max() == 0 and result.scale == 1 and not result.diameter_known
+    assert result.labels.max() == 0 and result.scale == 1 and not result.diameter_estimated
     assert max(network.sizes) == (512, 512)  # looked at 2x, never at 4x
+
+
+class Doubling:
+    """A predictor that is not a torch network: the engine is what the segmenter is given."""
+
+    size_multiple, out_channels = 8, 3
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        assert batch.shape[-1] % 8 == 0 and batch.shape[-2] % 8 == 0, "padded to the size multiple"
+        return np.concatenate([batch, batch, np.zeros_like(batch)], axis=1)
+
+
+def test_segmenter_runs_any_predictor_with_any_number_of_outputs(validation_samples):
+    from nucleiseg.config import ModelConfig
+    from nucleiseg.model import ModelBundle
+    from nucleiseg.segment import Segmenter
+
+    segmenter = Segmenter(ModelBundle(NoNuclei(), ModelConfig(), 17.0), predictor=Doubling())
+    result = segmenter.segment(validation_samples[0].image, diameter=17.0)
+    assert result.labels.shape == validation_samples[0].image.shape[:2] and result.labels.max() > 0
+    assert segmenter.probabilities(np.zeros((37, 53), np.float32), 1.0).shape == (3, 37, 53)
+
+
+def test_tta_and_bf16_are_settings_of_the_config():
+    torch.manual_seed(0)
+    from nucleiseg.model import UNet
+    from nucleiseg.predict import predict_probabilities
+
+    network = UNet(base_channels=4, depth=2).eval()
+    x = np.random.default_rng(0).random((40, 56)).astype(np.float32)
+    plain = predict_probabilities(predictor(network), x)
+    flipped = predict_probabilities(predictor(network), x, config=InferenceConfig(tta=True))
+    assert plain.shape == flipped.shape == (2, 40, 56) and np.abs(plain - flipped).max() > 0

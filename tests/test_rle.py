@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,17 +10,13 @@ import pytest
 from nucleiseg.io import load_dataset, sample_ids
 from nucleiseg.rle import decode, encode, encode_labels, read_submission, write_submission
 
-ROOT = Path(__file__).parents[2] / "shared/data/dsb2018/stage1_train"
-
 
 @pytest.fixture(scope="module")
-def real_labels(tmp_path_factory):
+def real_labels(tmp_path_factory, train_root):
     """Ground-truth label images of the first three training images (sorted ids)."""
-    if not ROOT.is_dir():
-        pytest.fail(f"real training data not found at {ROOT}")
     with pytest.MonkeyPatch.context() as mp:  # keep the decoded-sample cache out of the user's home
         mp.setenv("NUCLEISEG_CACHE", str(tmp_path_factory.mktemp("cache")))
-        samples = load_dataset(ROOT, ids=sample_ids(ROOT)[:3], progress=False)
+        samples = load_dataset(train_root, ids=sample_ids(train_root)[:3], progress=False)
     assert len(samples) == 3
     return {s.id: s.labels for s in samples}
 

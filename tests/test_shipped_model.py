@@ -43,7 +43,7 @@ def test_shipped_model_is_complete_small_and_strict():
     assert {p.name for p in folder.iterdir()} >= {"model.json", "weights.pt", "thresholds.json"}
     assert sum(p.stat().st_size for p in folder.iterdir()) < 30 * 2**20
     thresholds = load_model("default").thresholds  # tuned with `nucleiseg tune`, read from thresholds.json
-    assert 0 < thresholds.foreground_threshold < 1 and 0 < thresholds.seed_threshold < 1
+    assert 0 < thresholds.foreground_threshold < 1 and 0 < thresholds.marker_threshold < 1
 
 
 def test_shipped_model_scores_well_above_the_seed_recipe(samples, segmenter):

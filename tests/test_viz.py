@@ -5,8 +5,8 @@ from skimage.segmentation import find_boundaries
 from nucleiseg.viz import comparison_figure, label_colours, overlay, plot_history
 
 
-def test_overlay_outlines_each_nucleus_in_its_own_colour(real_samples):
-    sample = real_samples[0]
+def test_overlay_outlines_each_nucleus_in_its_own_colour(validation_samples):
+    sample = validation_samples[0]
     labels = sample.labels.astype(np.int32)
     out = overlay(sample.image, labels)
     edges = find_boundaries(labels, mode="inner")
@@ -17,8 +17,8 @@ def test_overlay_outlines_each_nucleus_in_its_own_colour(real_samples):
         assert (out[edges & (labels == index)] == colours[index]).all()
 
 
-def test_figures_are_written(real_samples, tmp_path):
-    rows = [(s.id[:8], s.image, s.labels, s.labels) for s in real_samples[:2]]
+def test_figures_are_written(validation_samples, tmp_path):
+    rows = [(s.id[:8], s.image, s.labels, s.labels) for s in validation_samples[:2]]
     comparison_figure(rows, tmp_path / "show.png")
     assert Image.open(tmp_path / "show.png").size[0] > 600
     history = [{"epoch": i, "train_loss": 1 / i, "val_dsb": "" if i % 2 else 0.1 * i} for i in range(1, 6)]

@@ -6,9 +6,13 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from nucleiseg.io import ImageReadError, load_dataset, read_image, write_labels
+from nucleiseg.batch import segment_batch
+from nucleiseg.config import InferenceConfig, PostprocessConfig
+from nucleiseg.io import ImageMetadata, ImageReadError, load_dataset, read_image, read_metadata, write_labels
 from nucleiseg.metrics import evaluate, match
-from nucleiseg.model import load_model
+from nucleiseg.model import ModelBundle, load_model, save_model
+from nucleiseg.outputs import WRITERS, OutputOptions, write_outputs
+from nucleiseg.predict import PREDICTORS, Predictor, TorchPredictor
 from nucleiseg.segment import Segmentation, Segmenter
 
 try:
@@ -17,13 +21,26 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "PREDICTORS",
+    "WRITERS",
+    "ImageMetadata",
     "ImageReadError",
+    "InferenceConfig",
+    "ModelBundle",
+    "OutputOptions",
+    "PostprocessConfig",
+    "Predictor",
     "Segmentation",
     "Segmenter",
+    "TorchPredictor",
     "evaluate",
     "load_dataset",
     "load_model",
     "match",
     "read_image",
+    "read_metadata",
+    "save_model",
+    "segment_batch",
     "write_labels",
+    "write_outputs",
 ]

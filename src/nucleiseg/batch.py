@@ -1,30 +1,34 @@
 """Segmenting many images: outputs per image, a summary, a failures list, and resuming after a stop.
 
-For an image ``<name>`` the output folder gets ``<name>_labels.png`` (16-bit labels; .tif when asked for or
-when there are more than 65535 nuclei), ``<name>_overlay.png``, ``<name>_nuclei.csv`` and, written last,
+For an image ``<name>`` the output folder gets the outputs asked for (``outputs.WRITERS``; by default
+``<name>_labels.png``, ``<name>_overlay.png``, ``<name>_nuclei.csv``) and, written last,
 ``<name>.done.json``. Every file is written atomically, and an image counts as done only when its record
-matches the input file's size and modification time and the run's settings (model weights, thresholds,
-diameter, label format, TTA, tiling) and its outputs still exist; a rerun of the same command skips it.
-``summary.csv`` and ``failures.csv`` are rewritten at the end of every run.
+matches the input file's size and modification time and the hash of the run's settings (package version,
+model weights, every inference setting, diameter, outputs and their options) and its outputs still exist;
+a rerun of the same command skips it. ``summary.csv`` and ``failures.csv`` are rewritten at the end of
+every run.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import json
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from nucleiseg.io import ImageReadError, atomic_path, read_image, to_gray, write_labels
-from nucleiseg.measure import measure_nuclei, write_table
+from nucleiseg.io import ImageReadError, atomic_path
+from nucleiseg.measure import write_table
+from nucleiseg.outputs import DEFAULT_OUTPUTS, OutputOptions, check_outputs, write_outputs
+from nucleiseg.segment import Segmentation, Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -67,79 +71,92 @@ def _input_stamp(path: Path) -> dict:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _finished(record_path: Path, path: Path, settings: dict) -> dict | None:
+def settings_key(settings: dict) -> str:
+    """Hash of the settings that determine an image's outputs, stored in its record."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _finished(record_path: Path, path: Path, key: str) -> dict | None:
     """The summary row of an earlier run, if it finished this very input file with the same settings."""
     try:
         record = json.loads(record_path.read_text())
-        same = record["input"] == _input_stamp(path) and record["settings"] == settings
+        same = record["input"] == _input_stamp(path) and record["key"] == key
         complete = all((record_path.parent / name).exists() for name in record["outputs"])
         return record["summary"] if same and complete else None
     except (OSError, ValueError, KeyError):
         return None
 
 
-def segment_one(segmenter, path: Path, name: str, out_dir: Path, diameter: float | None, label_format: str,
-                max_megapixels: float) -> tuple[dict, list[str]]:
-    """Segment one file and write its outputs; returns its summary row and output file names.
-    Raises ImageReadError for unusable files."""
-    from nucleiseg.viz import overlay, save_png
-
-    gray = to_gray(read_image(path, max_megapixels))  # the segmenter works on gray: no need to keep colour
-    low, high = float(gray.min()), float(gray.max())
-    if low == high:
-        raise ImageReadError(f"{path}: image is blank (every pixel is {low:g})")
-    result = segmenter.segment(gray, diameter=diameter)
-    if label_format == "png" and result.labels.max() > 65535:
-        log.warning("%s: %d nuclei do not fit a 16-bit PNG; labels written as TIFF", path, result.labels.max())
-        label_format = "tif"
-    outputs = [f"{name}_labels.{label_format}", f"{name}_overlay.png", f"{name}_nuclei.csv"]
-    write_labels(out_dir / outputs[0], result.labels)
-    save_png(out_dir / outputs[1], overlay(gray, result.labels))
-    table = measure_nuclei(result.labels, gray)
-    write_table(out_dir / outputs[2], table)
-    areas = table["area"]
-    summary = {
+def summary_row(name: str, path: Path, result: Segmentation) -> dict:
+    """One row of summary.csv."""
+    areas = np.bincount(result.labels.ravel())[1:]
+    areas = areas[areas > 0]
+    return {
         "image": name,
         "nuclei": int(len(areas)),
         "median_area": float(np.median(areas)) if len(areas) else 0.0,
         "diameter": round(result.diameter, 3),
-        "diameter_estimated": diameter is None and result.diameter_known,
+        "diameter_estimated": result.diameter_estimated,
         "scale": round(result.scale, 4),
         "path": str(path),
     }
-    return summary, outputs
 
 
 def segment_batch(
     inputs: list[Path],
     out_dir: str | os.PathLike,
-    segmenter,
+    segmenter: Segmenter,
     diameter: float | None = None,
-    label_format: str = "png",
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS,
+    options: OutputOptions | None = None,
     overwrite: bool = False,
-    max_megapixels: float = 150.0,
     progress: bool = True,
 ) -> BatchResult:
-    """Segment every path of ``inputs`` into ``out_dir``; a bad file is logged and listed, never fatal."""
-    if label_format not in ("png", "tif"):
-        raise ValueError(f"label_format must be 'png' or 'tif', not {label_format!r}")
+    """Segment every path of ``inputs`` into ``out_dir``; a bad file is logged and listed, never fatal.
+
+    Parameters
+    ----------
+    inputs : list of Path
+        Image files.
+    out_dir : path
+        Output folder, created if needed.
+    segmenter : Segmenter
+        Its settings (``Segmenter.config``) include the largest image accepted.
+    diameter : float, optional
+        Nucleus diameter in pixels for every image; estimated per image when not given.
+    outputs : tuple of str
+        Names of ``outputs.WRITERS`` to write per image.
+    options : OutputOptions, optional
+        Label image format and other writer choices.
+    overwrite : bool
+        Redo images an earlier run finished.
+    progress : bool
+        Show a progress bar.
+    """
+    outputs, options = check_outputs(outputs), options or OutputOptions()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = BatchResult()
     names = output_names(inputs)
-    settings = segmenter.settings() | {"diameter": diameter, "format": label_format}
+    settings = segmenter.settings() | {"diameter": diameter, "outputs": list(outputs), "options": asdict(options)}
+    key = settings_key(settings)
     with logging_redirect_tqdm():  # error lines are printed whole, not mixed into the progress bar
         for path, name in tqdm(list(zip(inputs, names, strict=True)), desc="segmenting", unit="img",
                                disable=not progress):
             record_path = out_dir / f"{name}.done.json"
             try:
-                previous = None if overwrite else _finished(record_path, path, settings)
+                previous = None if overwrite else _finished(record_path, path, key)
                 if previous is not None:
                     result.done.append(previous)
                     result.skipped += 1
                     continue
-                summary, outputs = segment_one(segmenter, path, name, out_dir, diameter, label_format, max_megapixels)
-                record = {"input": _input_stamp(path), "settings": settings, "outputs": outputs, "summary": summary}
+                segmentation = segmenter.segment_file(path, diameter)
+                written = write_outputs(segmentation, out_dir / name, outputs, options)
+                summary = summary_row(name, path, segmentation)
+                log.debug("%s: %s", path, ", ".join(f"{k} {v:.2f} s" for k, v in segmentation.timings.items()))
+                del segmentation  # the image and labels are not needed while the record is written
+                record = {"input": _input_stamp(path), "key": key, "settings": settings, "outputs": written,
+                          "summary": summary}
                 with atomic_path(record_path) as tmp:
                     tmp.write_text(json.dumps(record))
                 result.done.append(summary)

@@ -14,7 +14,22 @@ DEFAULT_TRAIN = "../shared/data/dsb2018/stage1_train"
 DEFAULT_TEST = "../shared/data/dsb2018/stage1_test"
 
 
+# segment options that set an InferenceConfig field (or a threshold) of the same name
+INFERENCE_OPTIONS = [
+    ("--tile", int, "tile size for large images (multiple of 16)"),
+    ("--overlap", int, "pixels shared by neighbouring tiles"),
+    ("--max-megapixels", float, "refuse larger images"),
+    ("--tta", bool, "average over flips (4x slower, slightly better)"),
+    ("--bf16", bool, "run the network in bfloat16: faster on CPUs with AVX512-BF16/AMX, labels differ slightly"),
+    ("--foreground-threshold", float, "foreground probability threshold"),
+    ("--marker-threshold", float, "centre probability threshold of the watershed markers"),
+]
+
+
 def get_parser() -> argparse.ArgumentParser:
+    from nucleiseg.config import InferenceConfig
+    from nucleiseg.outputs import DEFAULT_OUTPUTS, LABEL_FORMATS, WRITERS, OutputOptions
+
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="nucleiseg", description="Find every nucleus in microscopy images.",
                                      formatter_class=formatter)
@@ -28,14 +43,19 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="shipped model name or model folder")
     p.add_argument("--diameter", type=float, default=None,
                    help="typical nucleus diameter in pixels (default: estimated per image)")
-    p.add_argument("--tta", action="store_true", help="average over flips (4x slower, slightly better)")
-    p.add_argument("--bf16", action="store_true",
-                   help="run the network in bfloat16: faster on CPUs with AVX512-BF16/AMX, labels differ slightly")
-    p.add_argument("--format", choices=("png", "tif"), default="png", help="label image format")
+    p.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
+                   help=f"comma-separated outputs per image, among {', '.join(WRITERS)}")
+    p.add_argument("--format", choices=LABEL_FORMATS, default=OutputOptions.label_format, help="label image format")
     p.add_argument("--overwrite", action="store_true", help="redo images that an earlier run finished")
-    p.add_argument("--tile", type=int, default=512, help="tile size for large images (multiple of 16)")
-    p.add_argument("--max-megapixels", type=float, default=150.0, help="refuse larger images")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    # inference settings: unset ones come from the model folder (inference.json), else these defaults
+    g = p.add_argument_group("inference settings (default: the model folder's, else the value shown)")
+    defaults = InferenceConfig()
+    for flag, kind, text in INFERENCE_OPTIONS:
+        key = flag.lstrip("-").replace("-", "_")
+        default = getattr(defaults.thresholds if key.endswith("_threshold") else defaults, key)
+        options = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        g.add_argument(flag, default=argparse.SUPPRESS, help=f"{text} (default: {default})", **options)
 
     p = sub.add_parser("train", help="train a model", formatter_class=formatter)
     p.add_argument("--config", help="JSON training config (see configs/default.json)")
@@ -60,7 +80,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_TRAIN, help="folder in the competition layout")
     p.add_argument("--ids", nargs="*", help="image ids (default: random ones)")
     p.add_argument("--n", type=int, default=4, help="number of random images")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the choice of images")
+    p.add_argument("--random-seed", type=int, default=0, help="random seed for the choice of images")
     p.add_argument("--model", default="default", help="shipped model name or model folder")
     p.add_argument("--out", default="show.png", help="PNG file to write")
 
@@ -75,11 +95,18 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def inference_settings(args) -> dict:
+    """The inference settings given on the command line (``InferenceConfig.updated`` names)."""
+    keys = (flag.lstrip("-").replace("-", "_") for flag, _, _ in INFERENCE_OPTIONS)
+    return {key: getattr(args, key) for key in keys if hasattr(args, key)}
+
+
 def _segment(args) -> int:
     import torch
 
     from nucleiseg.batch import segment_batch
     from nucleiseg.io import find_images
+    from nucleiseg.outputs import OutputOptions
     from nucleiseg.segment import Segmenter
 
     if args.threads:
@@ -89,9 +116,10 @@ def _segment(args) -> int:
     if not paths:
         log.error("no images found in %s", " ".join(args.inputs))
         return 1
-    segmenter = Segmenter(args.model, tile=args.tile, tta=args.tta, bf16=args.bf16)
-    result = segment_batch(paths, args.out, segmenter, args.diameter, args.format, args.overwrite,
-                           args.max_megapixels)
+    outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
+    segmenter = Segmenter(args.model, **inference_settings(args))
+    result = segment_batch(paths, args.out, segmenter, args.diameter, outputs, OutputOptions(args.format),
+                           args.overwrite)
     total = sum(row["nuclei"] for row in result.done)
     print(f"{len(result.done)} images segmented ({result.skipped} already done), {len(result.failed)} failed, "
           f"{total} nuclei; results in {args.out}")
@@ -164,6 +192,7 @@ def _tune(args) -> int:
 def _evaluate(args) -> int:
     from nucleiseg.io import load_dataset, read_labels
     from nucleiseg.metrics import evaluate
+    from nucleiseg.outputs import find_labels
     from nucleiseg.rle import read_submission
 
     truth = {s.id: s.labels for s in load_dataset(args.truth) if s.labels is not None}
@@ -173,12 +202,8 @@ def _evaluate(args) -> int:
     if predictions.is_file():
         predicted = read_submission(predictions, {k: v.shape for k, v in truth.items()})
     elif predictions.is_dir():
-        predicted = {}
-        for image_id in truth:
-            for name in (f"{image_id}.png", f"{image_id}_labels.png", f"{image_id}.tif", f"{image_id}_labels.tif"):
-                if (predictions / name).exists():
-                    predicted[image_id] = read_labels(predictions / name)
-                    break
+        found = {image_id: find_labels(predictions, image_id) for image_id in truth}
+        predicted = {image_id: read_labels(path) for image_id, path in found.items() if path is not None}
     else:
         raise FileNotFoundError(f"{predictions}: no such file or folder")
     missing = sorted(set(truth) - set(predicted))
@@ -198,7 +223,8 @@ def _show(args) -> int:
     from nucleiseg.segment import Segmenter
     from nucleiseg.viz import comparison_figure
 
-    ids = args.ids or sorted(np.random.default_rng(args.seed).choice(sample_ids(args.data), args.n, replace=False))
+    rng = np.random.default_rng(args.random_seed)
+    ids = args.ids or sorted(rng.choice(sample_ids(args.data), args.n, replace=False))
     segmenter = Segmenter(args.model)
     rows = [(s.id[:16], s.image, s.labels, segmenter.segment(s.image).labels) for s in load_dataset(args.data, ids)]
     comparison_figure(rows, args.out)

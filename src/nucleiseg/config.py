@@ -7,14 +7,21 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T")
+
+# the defaults of the settings below, each written once
+TARGET_DIAMETER = 17.0  # pixels: nuclei are brought to this diameter for the network, in training and inference
+MIN_SCALE, MAX_SCALE = 1 / 8, 4.0  # rescaling bounds: nuclei from ~4 px to ~140 px wide reach the training size
+MAX_MEGAPIXELS = 150.0  # larger images are refused, before they are decoded
 
 
 def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     """Build a (nested) config dataclass from a dict, refusing keys the dataclass does not have."""
     known = {f.name: f for f in dataclasses.fields(cls)}
+    # keys renamed since files were written: old files still load
+    values = {getattr(cls, "RENAMED", {}).get(key, key): value for key, value in values.items()}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(known)}")
@@ -50,6 +57,11 @@ class ModelConfig:
     base_channels: int = 16
     depth: int = 4
 
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this (one halving per level)."""
+        return 2**self.depth
+
 
 @dataclass
 class DataConfig:
@@ -59,7 +71,7 @@ class DataConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     # every training image is rescaled so that its median nucleus diameter becomes this many pixels
-    target_diameter: float = 17.0
+    target_diameter: float = TARGET_DIAMETER
     patch_size: int = 192
 
 
@@ -82,11 +94,52 @@ class AugmentConfig:
 
 @dataclass
 class PostprocessConfig:
-    """Thresholds that turn the two probability maps into instances; tuned on the validation split."""
+    """Thresholds that turn the probability maps into instances; tuned on the validation split
+    (thresholds.json in the model folder)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"seed_threshold": "marker_threshold"}
 
     foreground_threshold: float = 0.5
-    seed_threshold: float = 0.5
+    marker_threshold: float = 0.5  # watershed markers: where the centre map exceeds this
     min_area_fraction: float = 0.1  # objects below this fraction of the mean nucleus area are dropped
+
+
+@dataclass
+class InferenceConfig:
+    """Every setting that changes what segmentation gives, in one place.
+
+    A model folder holds them: ``target_diameter`` in model.json (the diameter the network was trained at),
+    ``thresholds`` in thresholds.json (tuned), the others in inference.json (defaults when it is absent).
+    """
+
+    target_diameter: float = TARGET_DIAMETER
+    thresholds: PostprocessConfig = field(default_factory=PostprocessConfig)
+    min_scale: float = MIN_SCALE
+    max_scale: float = MAX_SCALE
+    tile: int = 512  # the network sees tiles of at most this side (after rescaling), so memory stays bounded
+    overlap: int = 64  # pixels shared by neighbouring tiles, blended
+    max_megapixels: float = MAX_MEGAPIXELS
+    tta: bool = False  # average the predictions of the four flips (4x slower, slightly better)
+    bf16: bool = False  # run the network in bfloat16 (faster on CPUs with AVX512-BF16 or AMX)
+    engine: str = "torch"  # predictor that runs the network (predict.PREDICTORS)
+
+    def __post_init__(self):
+        if self.tile % 16 or self.tile <= 2 * self.overlap:
+            raise ValueError(f"tile ({self.tile}) must be a multiple of 16 and more than twice the overlap "
+                             f"({self.overlap})")
+        if not 0 < self.min_scale <= 1 <= self.max_scale:
+            raise ValueError(f"need 0 < min_scale <= 1 <= max_scale, got {self.min_scale} and {self.max_scale}")
+
+    def updated(self, **changes) -> InferenceConfig:
+        """A copy with ``changes``; the names of PostprocessConfig fields change ``thresholds``.
+
+        >>> InferenceConfig().updated(tile=256, marker_threshold=0.4).thresholds.marker_threshold
+        0.4
+        """
+        names = {f.name for f in dataclasses.fields(PostprocessConfig)}
+        thresholds = changes.pop("thresholds", self.thresholds)
+        thresholds = dataclasses.replace(thresholds, **{k: changes.pop(k) for k in list(changes) if k in names})
+        return dataclasses.replace(self, thresholds=thresholds, **changes)
 
 
 @dataclass

@@ -21,12 +21,16 @@ import tifffile
 from PIL import Image
 from tqdm import tqdm
 
+from nucleiseg.config import MAX_MEGAPIXELS
+
 log = logging.getLogger(__name__)
 
 LUMINANCE = np.array([0.299, 0.587, 0.114], np.float32)  # RGB -> gray weights (ITU-R BT.601)
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 MIN_SIDE = 8
-MAX_MEGAPIXELS = 150.0
+# TIFF ResolutionUnit -> micrometres per unit
+MICROMETRES = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}  # inch, centimetre, millimetre, micrometre
+OME_UNITS = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}
 
 
 class ImageReadError(ValueError):
@@ -40,6 +44,58 @@ class Sample:
     id: str
     image: np.ndarray  # (H, W, 3) uint8 or (H, W) gray
     labels: np.ndarray | None  # (H, W) uint16 or int32, None for test images
+
+
+@dataclass(frozen=True)
+class ImageMetadata:
+    """What an image file says about itself beyond its pixels."""
+
+    path: str | None = None
+    pixel_size: tuple[float, float] | None = None  # (y, x) micrometres per pixel, None when the file has none
+
+
+def read_metadata(path: str | os.PathLike) -> ImageMetadata:
+    """The metadata of an image file: its pixel size, from OME-XML or the TIFF resolution tags.
+
+    Only the header is read. Files without a pixel size (PNG, JPEG, TIFFs without resolution tags or with
+    the unit-less default) give ``pixel_size=None``.
+    """
+    path = Path(path)
+    pixel_size = None
+    if path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            with tifffile.TiffFile(path) as tif:
+                pixel_size = _ome_pixel_size(tif.ome_metadata) if tif.is_ome else None
+                pixel_size = pixel_size or _tiff_pixel_size(tif.pages[0].tags)
+        except Exception as exc:  # metadata are optional: an odd header must not fail an image that was read
+            log.debug("%s: no pixel size (%s)", path, exc)
+    return ImageMetadata(str(path), pixel_size)
+
+
+def _tiff_pixel_size(tags) -> tuple[float, float] | None:
+    unit = tags.get("ResolutionUnit")
+    per_unit = MICROMETRES.get(int(unit.value)) if unit is not None else None
+    x, y = tags.get("XResolution"), tags.get("YResolution")
+    if per_unit is None or x is None or y is None:
+        return None
+    (xn, xd), (yn, yd) = x.value, y.value
+    return (per_unit * yd / yn, per_unit * xd / xn) if xn and yn else None
+
+
+def _ome_pixel_size(xml: str | None) -> tuple[float, float] | None:
+    import xml.etree.ElementTree as ET
+
+    for element in ET.fromstring(xml).iter() if xml else ():
+        attrib = element.attrib
+        if element.tag.endswith("Pixels") and "PhysicalSizeX" in attrib:
+            sizes = []
+            for axis in "YX":
+                unit = attrib.get(f"PhysicalSize{axis}Unit", "µm")
+                if unit not in OME_UNITS:
+                    return None
+                sizes.append(float(attrib.get(f"PhysicalSize{axis}", attrib["PhysicalSizeX"])) * OME_UNITS[unit])
+            return (sizes[0], sizes[1])
+    return None
 
 
 def _too_large(path: Path, shape: tuple[int, ...], max_megapixels: float) -> None:

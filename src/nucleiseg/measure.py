@@ -23,20 +23,38 @@ COLUMNS = {
     "equivalent_diameter": "equivalent_diameter_area",
     "eccentricity": "eccentricity",
     "solidity": "solidity",
-    "mean_intensity": "intensity_mean",
-    "max_intensity": "intensity_max",
 }
+INTENSITIES = {"mean_intensity": "intensity_mean", "max_intensity": "intensity_max"}
 PROPERTIES = ("label", "area", "centroid", "bbox", "equivalent_diameter_area", "eccentricity", "solidity",
-              "intensity_mean", "intensity_max")
+              *INTENSITIES.values())
+CHANNEL_NAMES = {1: ("gray",), 3: ("red", "green", "blue")}
 
 
-def measure_nuclei(labels: np.ndarray, intensity: np.ndarray) -> dict[str, np.ndarray]:
-    """Measure every nucleus of (H, W) ``labels`` on the (H, W) ``intensity`` image (the gray image in
-    its own units). Returns columns named as in COLUMNS; bounding boxes are half-open [min, max)."""
-    if labels.shape != intensity.shape:
-        raise ValueError(f"labels {labels.shape} and intensity {intensity.shape} differ in shape")
+def measurement_channels(image: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(H, W[, C]) image -> the (H, W[, C']) intensities measured and their channel names: gray stays gray,
+    colour is measured per channel (alpha dropped), in the image's own units."""
+    if image.ndim == 2:
+        return image, CHANNEL_NAMES[1]
+    channels = image[..., :3] if image.shape[2] >= 3 else image[..., 0]
+    return channels, CHANNEL_NAMES[1 if channels.ndim == 2 else 3]
+
+
+def measure_nuclei(labels: np.ndarray, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Measure every nucleus of (H, W) ``labels`` on the (H, W[, C]) ``image`` as read.
+
+    Returns columns named as in COLUMNS, then intensities named by channel (``mean_intensity_gray``, or
+    ``mean_intensity_red`` ... ``max_intensity_blue`` for a colour image); bounding boxes are half-open
+    [min, max).
+    """
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
+    intensity, names = measurement_channels(image)
     table = regionprops_table(labels, intensity_image=intensity, properties=PROPERTIES)
-    return {name: np.asarray(table[key]) for name, key in COLUMNS.items()}
+    columns = {name: np.asarray(table[key]) for name, key in COLUMNS.items()}
+    for name, key in INTENSITIES.items():
+        for i, channel in enumerate(names):
+            columns[f"{name}_{channel}"] = np.asarray(table[key if len(names) == 1 else f"{key}-{i}"])
+    return columns
 
 
 def write_table(path: str | os.PathLike, columns: dict[str, np.ndarray | list]) -> None:

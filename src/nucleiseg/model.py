@@ -1,17 +1,26 @@
-"""U-Net and the model folder (config.json + weights.pt + thresholds.json)."""
+"""U-Net and the model folder: model.json, weights.pt, thresholds.json, inference.json."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from nucleiseg.config import ModelConfig, PostprocessConfig, load_json, save_json
+from nucleiseg.config import (
+    TARGET_DIAMETER,
+    InferenceConfig,
+    ModelConfig,
+    PostprocessConfig,
+    from_dict,
+    load_json,
+    save_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,32 +85,82 @@ def build_model(cfg: ModelConfig) -> UNet:
     return UNet(cfg.in_channels, cfg.out_channels, cfg.base_channels, cfg.depth)
 
 
-@dataclass
-class ModelBundle:
-    """A trained network with what is needed to use it: its scale and tuned thresholds."""
+# architecture name (model.json) -> builder of the network from its config
+ARCHITECTURES = {"unet": build_model}
 
-    network: UNet
-    config: ModelConfig
-    target_diameter: float
-    thresholds: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+class ModelBundle:
+    """A trained network with what is needed to use it: its architecture, scale, thresholds and settings.
+
+    Parameters
+    ----------
+    network : torch.nn.Module
+        Maps (B, in_channels, H, W) to (B, out_channels, H, W) logits; H and W multiples of
+        ``config.size_multiple``.
+    config : ModelConfig
+        The network's shape.
+    target_diameter : float
+        Nucleus diameter, in pixels, the network was trained at.
+    thresholds : PostprocessConfig, optional
+        Post-processing thresholds (tuned ones are in thresholds.json).
+    architecture : str
+        Name of the network's architecture, a key of ``ARCHITECTURES``.
+    inference : InferenceConfig, optional
+        The other settings of segmentation (inference.json); its diameter and thresholds are the two above.
+    """
+
+    def __init__(self, network: nn.Module, config: ModelConfig, target_diameter: float = TARGET_DIAMETER,
+                 thresholds: PostprocessConfig | None = None, architecture: str = "unet",
+                 inference: InferenceConfig | None = None):
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+        self.network, self.config, self.architecture = network, config, architecture
+        # the diameter and thresholds live in the inference settings only, so they cannot disagree
+        self.inference = replace(inference or InferenceConfig(), target_diameter=target_diameter,
+                                 thresholds=thresholds or PostprocessConfig())
+
+    @property
+    def target_diameter(self) -> float:
+        return self.inference.target_diameter
+
+    @property
+    def thresholds(self) -> PostprocessConfig:
+        return self.inference.thresholds
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return self.config.size_multiple
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.out_channels
 
 
 @dataclass
 class ModelInfo:
-    """Contents of model.json: the network shape and the nucleus diameter it was trained at."""
+    """Contents of model.json: the architecture, the network shape and the nucleus diameter it was trained at."""
 
+    architecture: str = "unet"
     model: ModelConfig = field(default_factory=ModelConfig)
-    target_diameter: float = 17.0
+    target_diameter: float = TARGET_DIAMETER
+
+
+# InferenceConfig fields kept in files of their own (model.json, thresholds.json), not in inference.json
+_OWN_FILES = ("target_diameter", "thresholds")
 
 
 def save_model(folder: str | os.PathLike, bundle: ModelBundle) -> None:
+    """Write a model folder: weights.pt, model.json, thresholds.json and inference.json."""
     from nucleiseg.io import atomic_path
 
     folder = Path(folder)
     with atomic_path(folder / "weights.pt") as tmp:
         torch.save(bundle.network.state_dict(), tmp)
-    save_json(ModelInfo(bundle.config, bundle.target_diameter), folder / "model.json")
+    save_json(ModelInfo(bundle.architecture, bundle.config, bundle.target_diameter), folder / "model.json")
     save_json(bundle.thresholds, folder / "thresholds.json")
+    settings = {k: v for k, v in asdict(bundle.inference).items() if k not in _OWN_FILES}
+    save_json(settings, folder / "inference.json")
 
 
 def model_folder(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
@@ -116,13 +175,24 @@ def model_folder(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
 
 
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> ModelBundle:
-    """Load a model folder strictly: unknown config keys or mismatched weights raise."""
+    """Load a model folder strictly: unknown config keys or mismatched weights raise.
+
+    thresholds.json and inference.json are optional: their defaults apply where they are absent."""
     folder = model_folder(name_or_path)
     info = load_json(ModelInfo, folder / "model.json")
-    network = build_model(info.model)
+    if info.architecture not in ARCHITECTURES:
+        raise ValueError(f"{folder}: unknown architecture {info.architecture!r}; known: {sorted(ARCHITECTURES)}")
+    network = ARCHITECTURES[info.architecture](info.model)
     state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
     network.load_state_dict(state, strict=True)
     network.eval()
-    thresholds_path = folder / "thresholds.json"
+    thresholds_path, inference_path = folder / "thresholds.json", folder / "inference.json"
     thresholds = load_json(PostprocessConfig, thresholds_path) if thresholds_path.exists() else PostprocessConfig()
-    return ModelBundle(network, info.model, info.target_diameter, thresholds)
+    inference = InferenceConfig()
+    if inference_path.exists():
+        values = json.loads(inference_path.read_text())
+        if set(values) & set(_OWN_FILES):
+            raise ValueError(f"{inference_path}: {sorted(set(values) & set(_OWN_FILES))} belong in model.json "
+                             "and thresholds.json; remove them from inference.json")
+        inference = from_dict(InferenceConfig, values)
+    return ModelBundle(network, info.model, info.target_diameter, thresholds, info.architecture, inference)

@@ -1,4 +1,4 @@
-"""Probability maps -> instance labels: seeds from the centre map, marker-controlled watershed."""
+"""Probability maps -> instance labels: markers from the centre map, marker-controlled watershed."""
 
 from __future__ import annotations
 
@@ -6,25 +6,25 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from nucleiseg.config import PostprocessConfig
+from nucleiseg.config import TARGET_DIAMETER, PostprocessConfig
 
 BLOCK = 2048  # images larger than this (per side) are post-processed in blocks to bound memory
 
 
 def instances(
-    probabilities: np.ndarray, thresholds: PostprocessConfig, diameter: float = 17.0, block: int = BLOCK
+    probabilities: np.ndarray, thresholds: PostprocessConfig, diameter: float = TARGET_DIAMETER, block: int = BLOCK
 ) -> np.ndarray:
-    """(2, H, W) foreground and centre probabilities -> (H, W) int32 labels 1..N.
+    """(K, H, W) probabilities, K >= 2 (foreground, centre, then any others) -> (H, W) int32 labels 1..N.
 
-    Seeds are the connected regions where the centre map exceeds ``seed_threshold``; each grows by
+    Markers are the connected regions where the centre map exceeds ``marker_threshold``; each grows by
     watershed on the inverted centre map inside the foreground, and a foreground region that holds no
-    seed becomes one object. Objects smaller than
+    marker becomes one object. Objects smaller than
     ``min_area_fraction`` of a disc of ``diameter`` are removed and holes are filled.
 
     Above ``block`` pixels per side the image is processed in overlapping blocks (see ``_blockwise``).
     """
-    if probabilities.ndim != 3 or probabilities.shape[0] != 2:
-        raise ValueError(f"expected (2, H, W) probabilities, got shape {probabilities.shape}")
+    if probabilities.ndim != 3 or probabilities.shape[0] < 2:
+        raise ValueError(f"expected (K, H, W) probabilities with K >= 2, got shape {probabilities.shape}")
     if max(probabilities.shape[1:]) > block:
         return _blockwise(probabilities, thresholds, diameter, block)
     return _instances(probabilities, thresholds, diameter)
@@ -60,13 +60,13 @@ def _blockwise(probabilities: np.ndarray, thresholds: PostprocessConfig, diamete
 
 
 def _instances(probabilities: np.ndarray, thresholds: PostprocessConfig, diameter: float) -> np.ndarray:
-    foreground, centre = probabilities
+    foreground, centre = probabilities[:2]
     mask = foreground > thresholds.foreground_threshold
-    seeds, n_seeds = ndi.label((centre > thresholds.seed_threshold) & mask)
-    labels = watershed(-centre, seeds, mask=mask)
-    # foreground regions without any seed (small or faint nuclei) are nuclei too, not background
-    unseeded, _ = ndi.label(mask & (labels == 0))
-    labels[unseeded > 0] = unseeded[unseeded > 0] + n_seeds
+    markers, n_markers = ndi.label((centre > thresholds.marker_threshold) & mask)
+    labels = watershed(-centre, markers, mask=mask)
+    # foreground regions without any marker (small or faint nuclei) are nuclei too, not background
+    unmarked, _ = ndi.label(mask & (labels == 0))
+    labels[unmarked > 0] = unmarked[unmarked > 0] + n_markers
     min_area = thresholds.min_area_fraction * np.pi * diameter**2 / 4
     return clean(labels, min_area)
 

@@ -1,19 +1,77 @@
-"""Probability maps for images of any size: padding, overlapping tiles with blending, flip TTA.
+"""Probability maps for images of any size: predictors, overlapping tiles with blending, rescaling, flip TTA.
 
-Tiling is kept apart from the network: ``predict_tiled`` takes any callable that maps a (B, C, h, w)
-tensor to (B, K, h, w), so tests can use a pointwise function with a known answer.
+A *predictor* runs a network: it maps a (B, C, h, w) float32 array, h and w multiples of its
+``size_multiple``, to (B, K, h, w) probabilities. Everything else (tiling, blending, rescaling, padding,
+test-time augmentation) is done here around any predictor, so that another engine (ONNX Runtime, CUDA, a
+remote server) is one class or function plus one line in ``PREDICTORS``, and tests can use a pointwise
+function with a known answer.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]
+from nucleiseg.config import InferenceConfig
+
+if TYPE_CHECKING:
+    from nucleiseg.model import ModelBundle
+
+ArrayFunction = Callable[[np.ndarray], np.ndarray]  # (B, C, h, w) float32 -> (B, K, h, w) float32
+
+
+class Predictor(Protocol):
+    """Runs a network on a batch: (B, C, h, w) float32, h and w multiples of ``size_multiple``, ->
+    (B, out_channels, h, w) float32 probabilities."""
+
+    size_multiple: int
+    out_channels: int
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class TorchPredictor:
+    """Predictor for a torch network that outputs logits, on the CPU.
+
+    Parameters
+    ----------
+    network : torch.nn.Module
+        (B, C, h, w) -> (B, out_channels, h, w) logits.
+    size_multiple, out_channels : int
+        From the model bundle (``ModelBundle.size_multiple``, ``ModelBundle.out_channels``).
+    bf16 : bool
+        Run the network in bfloat16: faster on CPUs that compute it natively (``bf16_is_fast``),
+        probabilities differ by about 0.01.
+    """
+
+    def __init__(self, network: torch.nn.Module, size_multiple: int, out_channels: int, bf16: bool = False):
+        self.network = network.eval()
+        self.size_multiple, self.out_channels, self.bf16 = size_multiple, out_channels, bf16
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.network(torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
+            return torch.sigmoid(logits.float()).numpy()
+
+
+def torch_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
+    return TorchPredictor(model.network, model.size_multiple, model.out_channels, config.bf16)
+
+
+# InferenceConfig.engine -> function (model bundle, settings) -> Predictor
+PREDICTORS: dict[str, Callable[[ModelBundle, InferenceConfig], Predictor]] = {"torch": torch_predictor}
+
+
+def make_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
+    """The predictor of ``config.engine`` for ``model``."""
+    if config.engine not in PREDICTORS:
+        raise ValueError(f"unknown engine {config.engine!r}; known: {sorted(PREDICTORS)}")
+    return PREDICTORS[config.engine](model, config)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -44,17 +102,18 @@ def pad_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def predict_tiled(
-    predictor: Predictor,
+    function: ArrayFunction,
     image: np.ndarray,
     out_channels: int,
-    tile: int = 512,
-    overlap: int = 64,
+    tile: int,
+    overlap: int,
     batch_size: int = 4,
 ) -> np.ndarray:
-    """Run ``predictor`` over (C, H, W) ``image`` in overlapping tiles of at most ``tile`` pixels and blend them.
+    """Run ``function`` over (C, H, W) ``image`` in overlapping tiles of at most ``tile`` pixels and blend them.
 
-    The tile weights are separable (a product of two 1-D tapers) on a regular grid, so the sum of weights
-    at each pixel is a product of two 1-D sums and no full-size weight image is kept in memory.
+    ``function`` maps a (B, C, h, w) float32 array to (B, out_channels, h, w). The tile weights are separable
+    (a product of two 1-D tapers) on a regular grid, so the sum of weights at each pixel is a product of two
+    1-D sums and no full-size weight image is kept in memory.
 
     Returns (out_channels, H, W) float32.
     """
@@ -74,8 +133,7 @@ def predict_tiled(
     for i in range(0, len(positions), batch_size):
         chunk = positions[i : i + batch_size]
         batch = np.stack([image[:, y : y + th, x : x + tw] for y, x in chunk])
-        with torch.inference_mode():
-            result = predictor(torch.from_numpy(batch)).float().numpy()
+        result = np.asarray(function(batch), np.float32)
         for (y, x), r in zip(chunk, result, strict=True):
             out[:, y : y + th, x : x + tw] += r * weight
     out /= norm_y[None, :, None]
@@ -88,15 +146,13 @@ def bf16_is_fast() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def network_predictor(network: torch.nn.Module, scale: float = 1.0, tta: bool = False, bf16: bool = False) -> Predictor:
-    """Wrap a network that outputs logits into a predictor of probabilities for tiles of any size.
+def rescaled(predictor: Predictor, scale: float = 1.0, tta: bool = False) -> ArrayFunction:
+    """Wrap a predictor for tiles of any size, seen at ``scale``.
 
     Each tile is resized by ``scale`` (so that its nuclei have the size the network was trained at),
-    padded to the network's size multiple, predicted, and resized back. Optionally the prediction is
-    averaged over the four flips (test-time augmentation) or computed in bfloat16 (probabilities change
-    by about 0.01).
+    padded to the predictor's size multiple, predicted, and resized back. With ``tta`` the prediction is
+    averaged over the four flips.
     """
-    multiple = 2 ** getattr(network, "depth", 4)
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         h, w = batch.shape[-2:]
@@ -104,43 +160,40 @@ def network_predictor(network: torch.nn.Module, scale: float = 1.0, tta: bool = 
             size = (max(1, round(h * scale)), max(1, round(w * scale)))
             batch = F.interpolate(batch, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
         sh, sw = batch.shape[-2:]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            prob = torch.sigmoid(network(pad_to_multiple(batch, multiple)).float())[..., :sh, :sw]
+        prob = torch.from_numpy(predictor(pad_to_multiple(batch, predictor.size_multiple).numpy()))[..., :sh, :sw]
         if scale != 1.0:
             prob = F.interpolate(prob, size=(h, w), mode="bilinear", antialias=scale > 1, align_corners=False)
         return prob
 
-    def predict(batch: torch.Tensor) -> torch.Tensor:
-        if not tta:
-            return forward(batch)
-        total = torch.zeros(())
-        for dims in ((), (-1,), (-2,), (-2, -1)):
-            prob = forward(torch.flip(batch, dims) if dims else batch)
-            total = total + (torch.flip(prob, dims) if dims else prob)
-        return total / 4
+    def predict(batch: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(batch)
+        with torch.inference_mode():
+            if not tta:
+                return forward(batch).numpy()
+            total = torch.zeros(())
+            for dims in ((), (-1,), (-2,), (-2, -1)):
+                prob = forward(torch.flip(batch, dims) if dims else batch)
+                total = total + (torch.flip(prob, dims) if dims else prob)
+            return (total / 4).numpy()
 
     return predict
 
 
 def predict_probabilities(
-    network: torch.nn.Module,
-    x: np.ndarray,
-    scale: float = 1.0,
-    tile: int = 512,
-    overlap: int = 64,
-    tta: bool = False,
-    bf16: bool = False,
+    predictor: Predictor, x: np.ndarray, scale: float = 1.0, config: InferenceConfig | None = None
 ) -> np.ndarray:
-    """(H, W) normalised image -> (2, H, W) probabilities (foreground, centre distance) on the same grid.
+    """(H, W) normalised image -> (K, H, W) probabilities (foreground, centre distance, ...) on the same grid.
 
-    The network sees the image resized by ``scale``, tile by tile: ``tile`` and ``overlap`` are in the
-    network's pixels, so memory stays bounded whatever the image size and scale.
+    The predictor sees the image resized by ``scale``, tile by tile: ``config.tile`` and ``config.overlap``
+    are in the network's pixels, so memory stays bounded whatever the image size and scale.
     """
+    config = config or InferenceConfig()
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D normalised image, got shape {x.shape}")
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    tile_here = max(16, round(tile / scale))
-    overlap_here = min(math.ceil(overlap / scale), tile_here // 2)
-    predictor = network_predictor(network, scale, tta, bf16)
-    return predict_tiled(predictor, x[None].astype(np.float32, copy=False), 2, tile_here, overlap_here)
+    tile_here = max(16, round(config.tile / scale))
+    overlap_here = min(math.ceil(config.overlap / scale), tile_here // 2)
+    function = rescaled(predictor, scale, config.tta)
+    image = x[None].astype(np.float32, copy=False)
+    return predict_tiled(function, image, predictor.out_channels, tile_here, overlap_here)

@@ -3,6 +3,8 @@
 The network was trained with nuclei rescaled to ``target_diameter`` pixels. An image with other nuclei
 sizes is rescaled so its nuclei reach that size; the diameter is estimated by segmenting a central crop
 and repeating at the scale that estimate implies until it settles.
+
+Segmentation returns a ``Segmentation`` and writes nothing; ``outputs`` writes it.
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ import hashlib
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from nucleiseg.config import PostprocessConfig
-from nucleiseg.data import MIN_SCALE, prepare_input, scale_factor
-from nucleiseg.io import check_image
+from nucleiseg.config import MAX_SCALE, MIN_SCALE, InferenceConfig
+from nucleiseg.data import prepare_input, scale_factor
+from nucleiseg.io import ImageMetadata, ImageReadError, check_image, read_image, read_metadata, to_gray
 from nucleiseg.model import DEFAULT_MODEL, ModelBundle, load_model
 from nucleiseg.postprocess import instances
-from nucleiseg.predict import predict_probabilities
+from nucleiseg.predict import Predictor, make_predictor, predict_probabilities
 from nucleiseg.targets import median_diameter
 
 log = logging.getLogger(__name__)
@@ -39,7 +43,12 @@ class Segmentation:
     labels: np.ndarray  # (H, W) int32, 0 = background
     diameter: float  # median nucleus diameter in pixels: estimated, or as given
     scale: float  # factor the image was resized by before the network
-    diameter_known: bool  # False when the estimate found no nucleus and the training diameter was used
+    # True when the diameter was estimated from the image; False when it was given, or when the
+    # estimate found no nucleus and the training diameter was used
+    diameter_estimated: bool
+    image: np.ndarray | None = None  # the image as given or read: (H, W) or (H, W, C), its own dtype
+    metadata: ImageMetadata = field(default_factory=ImageMetadata)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: read, predict, postprocess
 
 
 class Segmenter:
@@ -47,52 +56,76 @@ class Segmenter:
 
     Parameters
     ----------
-    model : ModelBundle or str
+    model : ModelBundle, str or path
         A loaded model, a model folder, or the name of a model shipped with nucleiseg.
-    thresholds : PostprocessConfig, optional
-        Overrides the model's tuned thresholds.
-    tile, overlap : int
-        Images larger than ``tile`` are predicted in overlapping tiles, so memory stays bounded.
-    tta : bool
-        Average the predictions of the four flips (4x slower, slightly better).
-    bf16 : bool
-        Run the network in bfloat16: faster on CPUs that compute it natively (AVX512-BF16, AMX; see
-        ``predict.bf16_is_fast``), probabilities differ by about 0.01 and labels very slightly.
+    config : InferenceConfig, optional
+        The settings to segment with; by default the model's own (``ModelBundle.inference``).
+    predictor : Predictor, optional
+        Runs the network; by default the one of ``config.engine`` (``predict.PREDICTORS``).
+    **settings
+        Settings to change (``InferenceConfig.updated``), e.g. ``tta=True``, ``marker_threshold=0.4`` or
+        ``thresholds=PostprocessConfig(...)``; None keeps the setting as it is.
+
+    A Segmenter built from a model folder or name pickles as that folder and its settings, so that a
+    worker process rebuilds it.
+
+    Examples
+    --------
+    >>> from nucleiseg import Segmenter, read_image
+    >>> result = Segmenter(tta=True).segment(read_image("cells.tif"))  # doctest: +SKIP
     """
 
     def __init__(
         self,
         model: ModelBundle | str | os.PathLike = DEFAULT_MODEL,
-        thresholds: PostprocessConfig | None = None,
-        tile: int = 512,
-        overlap: int = 64,
-        tta: bool = False,
-        bf16: bool = False,
+        config: InferenceConfig | None = None,
+        predictor: Predictor | None = None,
+        **settings,
     ):
-        self.model = model if isinstance(model, ModelBundle) else load_model(model)
-        self.model.network.eval()
-        self.thresholds = thresholds or self.model.thresholds
-        if tile % 16 or tile <= 2 * overlap:
-            raise ValueError(f"tile ({tile}) must be a multiple of 16 and more than twice the overlap ({overlap})")
-        self.tile, self.overlap, self.tta, self.bf16 = tile, overlap, tta, bf16
+        if isinstance(model, ModelBundle):
+            self.bundle, self.source = model, None
+        else:
+            self.bundle = load_model(model)
+            folder = Path(model)
+            self.source = str(folder.resolve()) if folder.is_dir() else str(model)  # a shipped model's name
+        config = config or self.bundle.inference
+        self.config = config.updated(**{k: v for k, v in settings.items() if v is not None})
+        if (self.config.min_scale, self.config.max_scale) != (MIN_SCALE, MAX_SCALE):
+            # the diameter estimate uses the bounds of data.scale_factor; refuse rather than ignore other ones
+            raise ValueError(f"rescaling bounds other than {MIN_SCALE:g}-{MAX_SCALE:g} are not supported yet")
+        self.custom_predictor = predictor is not None
+        self.predictor = predictor or make_predictor(self.bundle, self.config)
 
-    def settings(self) -> dict:
-        """What determines the output: a hash of the weights, the thresholds and the prediction options."""
-        digest = hashlib.sha1()
-        for name, tensor in self.model.network.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.cpu().numpy().tobytes())
-        return {"weights": digest.hexdigest()[:16], "target_diameter": self.target_diameter,
-                "thresholds": asdict(self.thresholds), "tile": self.tile, "overlap": self.overlap,
-                "tta": self.tta, "bf16": self.bf16}
+    def __reduce__(self):
+        if self.source is None or self.custom_predictor:
+            raise TypeError("only a Segmenter made from a model folder or name, with its own predictor, can be "
+                            "pickled; save the model with save_model and pass its folder")
+        return Segmenter, (self.source, self.config)
+
+    @property
+    def thresholds(self):
+        return self.config.thresholds
 
     @property
     def target_diameter(self) -> float:
-        return self.model.target_diameter
+        return self.config.target_diameter
+
+    def settings(self) -> dict:
+        """What determines the output: the package version, the architecture, a hash of the weights, the
+        predictor and every inference setting."""
+        import nucleiseg
+
+        digest = hashlib.sha1()
+        for name, tensor in self.bundle.network.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.cpu().numpy().tobytes())
+        return {"version": nucleiseg.__version__, "architecture": self.bundle.architecture,
+                "weights": digest.hexdigest()[:16], "predictor": type(self.predictor).__name__,
+                "inference": asdict(self.config)}
 
     def probabilities(self, x: np.ndarray, scale: float) -> np.ndarray:
-        """(H, W) normalised image -> (2, H, W) probabilities, the network seeing it resized by ``scale``."""
-        return predict_probabilities(self.model.network, x, scale, self.tile, self.overlap, self.tta, self.bf16)
+        """(H, W) normalised image -> (K, H, W) probabilities, the network seeing it resized by ``scale``."""
+        return predict_probabilities(self.predictor, x, scale, self.config)
 
     def estimate_diameter(self, x: np.ndarray) -> tuple[float | None, float, np.ndarray | None]:
         """Estimate the median nucleus diameter of normalised image ``x`` (in its own pixels).
@@ -150,15 +183,46 @@ class Segmenter:
             Gray, RGB or RGBA; any dtype. Fluorescence, brightfield and H&E are told apart automatically.
         diameter : float, optional
             Typical nucleus diameter in pixels. Estimated from the image when not given.
+
+        Returns
+        -------
+        Segmentation
+            Labels on the image's grid, the diameter and scale used, and the time each stage took.
         """
         # raises ImageReadError (a ValueError) that says what is wrong and how to fix it
         image = check_image(image, max_megapixels=np.inf)
         if diameter is not None and not diameter > 0:
             raise ValueError(f"diameter must be a positive number of pixels, got {diameter}")
         given = diameter is not None
+        started = time.perf_counter()
         probabilities, diameter, scale = self.image_probabilities(prepare_input(image), diameter)
+        predicted = time.perf_counter()
         if diameter is None:
             log.info("no nucleus found while estimating the diameter; using %.0f px", self.target_diameter)
         labels = instances(probabilities, self.thresholds, diameter or self.target_diameter)
-        return Segmentation(labels, diameter or self.target_diameter, scale, given or diameter is not None)
+        timings = {"predict": predicted - started, "postprocess": time.perf_counter() - predicted}
+        return Segmentation(labels, diameter or self.target_diameter, scale, not given and diameter is not None,
+                            image=image, timings=timings)
 
+    def segment_file(self, path: str | os.PathLike, diameter: float | None = None) -> Segmentation:
+        """Read and segment one image file; the result carries the image as read and its metadata.
+
+        Raises ImageReadError, naming the file, for files that cannot be segmented (see ``io.read_image``)
+        and for blank images.
+        """
+        started = time.perf_counter()
+        image = read_image(path, self.config.max_megapixels)
+        low, high = _range(image)
+        if low == high:
+            raise ImageReadError(f"{path}: image is blank (every pixel is {low:g})")
+        metadata = read_metadata(path)
+        read = time.perf_counter() - started
+        result = self.segment(image, diameter)
+        result.metadata, result.timings = metadata, {"read": read} | result.timings
+        return result
+
+
+def _range(image: np.ndarray) -> tuple[float, float]:
+    """Lowest and highest gray value (what the network sees), computed without keeping a gray copy."""
+    gray = to_gray(image)
+    return float(gray.min()), float(gray.max())

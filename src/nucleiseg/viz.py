@@ -17,9 +17,9 @@ from skimage.segmentation import find_boundaries
 from nucleiseg.io import atomic_path, to_rgb_uint8
 
 
-def label_colours(n: int, seed: int = 0) -> np.ndarray:
+def label_colours(n: int, random_seed: int = 0) -> np.ndarray:
     """(n + 1, 3) uint8 distinct-looking colours, row 0 black; shuffled so neighbours differ."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(random_seed)
     hues = rng.permutation(n) / max(n, 1)
     rgb = matplotlib.colors.hsv_to_rgb(np.stack([hues, np.full(n, 0.9), np.full(n, 1.0)], axis=1))
     return np.vstack([[0, 0, 0], (rgb * 255).astype(np.uint8)]).astype(np.uint8)
