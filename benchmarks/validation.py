@@ -52,8 +52,8 @@ def main() -> None:
     parser.add_argument("--reuse-seed", action="store_true", help="load seed weights instead of training")
     parser.add_argument("--skip-seed", action="store_true")
     parser.add_argument("--tta", action="store_true")
-    parser.add_argument("--no-inversion-row", action="store_true",
-                        help="also score the model with brightfield/H&E images left un-inverted (an ablation)")
+    parser.add_argument("--uninverted-row", action="store_true",
+                        help="add an ablation row: the model with brightfield/H&E images left un-inverted")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
 
@@ -79,7 +79,7 @@ def main() -> None:
     predicted = {s.id: segmenter.segment(s.image).labels for s in val_samples}
     timings["full-resolution segmentation (s)"] = time.perf_counter() - started
     results[f"nucleiseg ({args.model}{', TTA' if args.tta else ''})"] = by_type(val_samples, predicted)
-    if args.no_inversion_row:
+    if args.uninverted_row:
         import nucleiseg.segment
         from nucleiseg.data import normalise
         from nucleiseg.io import to_gray
