@@ -107,14 +107,16 @@ class ModelBundle:
         Name of the network's architecture, a key of ``ARCHITECTURES``.
     inference : InferenceConfig, optional
         The other settings of segmentation (inference.json); its diameter and thresholds are the two above.
+    folder : Path, optional
+        The model folder it was loaded from, where an engine finds other files (e.g. an ONNX export).
     """
 
     def __init__(self, network: nn.Module, config: ModelConfig, target_diameter: float = TARGET_DIAMETER,
                  thresholds: PostprocessConfig | None = None, architecture: str = "unet",
-                 inference: InferenceConfig | None = None):
+                 inference: InferenceConfig | None = None, folder: Path | None = None):
         if architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
-        self.network, self.config, self.architecture = network, config, architecture
+        self.network, self.config, self.architecture, self.folder = network, config, architecture, folder
         # the diameter and thresholds live in the inference settings only, so they cannot disagree
         self.inference = replace(inference or InferenceConfig(), target_diameter=target_diameter,
                                  thresholds=thresholds or PostprocessConfig())
@@ -195,4 +197,4 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> ModelBundle:
             raise ValueError(f"{inference_path}: {sorted(set(values) & set(_OWN_FILES))} belong in model.json "
                              "and thresholds.json; remove them from inference.json")
         inference = from_dict(InferenceConfig, values)
-    return ModelBundle(network, info.model, info.target_diameter, thresholds, info.architecture, inference)
+    return ModelBundle(network, info.model, info.target_diameter, thresholds, info.architecture, inference, folder)
