@@ -8,12 +8,10 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import color, transform
 
-from nucleiseg.config import AugmentConfig
+# images are rescaled by at most MIN_SCALE..MAX_SCALE (defined with the other inference defaults)
+from nucleiseg.config import MAX_SCALE, MIN_SCALE, AugmentConfig
 from nucleiseg.io import LUMINANCE, Sample, to_gray
 from nucleiseg.targets import make_targets, median_diameter
-
-# images are rescaled by at most these factors: nuclei from ~4 px to ~140 px wide reach the training size
-MIN_SCALE, MAX_SCALE = 1 / 8, 4.0
 
 
 def normalise(gray: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
