@@ -23,8 +23,9 @@ def instances(
 
     Above ``block`` pixels per side the image is processed in overlapping blocks (see ``_blockwise``).
     """
-    if probabilities.ndim != 3 or probabilities.shape[0] != 2:
+    if probabilities.ndim != 3 or probabilities.shape[0] < 2:
         raise ValueError(f"expected (2, H, W) probabilities, got shape {probabilities.shape}")
+    probabilities = probabilities[:2]  # a size output, if any, is not needed here
     if max(probabilities.shape[1:]) > block:
         return _blockwise(probabilities, thresholds, diameter, block)
     return _instances(probabilities, thresholds, diameter)

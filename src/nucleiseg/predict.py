@@ -104,8 +104,10 @@ def network_predictor(network: torch.nn.Module, scale: float = 1.0, tta: bool = 
             size = (max(1, round(h * scale)), max(1, round(w * scale)))
             batch = F.interpolate(batch, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
         sh, sw = batch.shape[-2:]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            prob = torch.sigmoid(network(pad_to_multiple(batch, multiple)).float())[..., :sh, :sw]
+        device = next(network.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = network(pad_to_multiple(batch, multiple).to(device))
+        prob = torch.sigmoid(logits.float()).cpu()[..., :sh, :sw]
         if scale != 1.0:
             prob = F.interpolate(prob, size=(h, w), mode="bilinear", antialias=scale > 1, align_corners=False)
         return prob
@@ -131,7 +133,8 @@ def predict_probabilities(
     tta: bool = False,
     bf16: bool = False,
 ) -> np.ndarray:
-    """(H, W) normalised image -> (2, H, W) probabilities (foreground, centre distance) on the same grid.
+    """(H, W) normalised image -> (K, H, W) network outputs (foreground, centre distance, size code) on the
+    same grid.
 
     The network sees the image resized by ``scale``, tile by tile: ``tile`` and ``overlap`` are in the
     network's pixels, so memory stays bounded whatever the image size and scale.
@@ -143,4 +146,5 @@ def predict_probabilities(
     tile_here = max(16, round(tile / scale))
     overlap_here = min(math.ceil(overlap / scale), tile_here // 2)
     predictor = network_predictor(network, scale, tta, bf16)
-    return predict_tiled(predictor, x[None].astype(np.float32, copy=False), 2, tile_here, overlap_here)
+    out_channels = network.head.out_channels
+    return predict_tiled(predictor, x[None].astype(np.float32, copy=False), out_channels, tile_here, overlap_here)
