@@ -50,10 +50,11 @@ def load_json(cls: type[T], path: str | os.PathLike) -> T:
 
 @dataclass
 class ModelConfig:
-    """U-Net shape. Input: normalised gray image; outputs: foreground logit and centre-distance logit."""
+    """U-Net shape. Input: the nuclear signal (see data.prepare_input); outputs: foreground, centre-distance
+    and nucleus-size logits."""
 
     in_channels: int = 1
-    out_channels: int = 2
+    out_channels: int = 3  # foreground, centre distance, nucleus size
     base_channels: int = 16
     depth: int = 4
 
@@ -70,6 +71,10 @@ class DataConfig:
     root: str = "../shared/data/dsb2018/stage1_train"
     val_fraction: float = 0.1
     split_seed: int = 0
+    # more competition-layout folders, each "folder/pattern" (fnmatch on the image ids, e.g.
+    # "../shared/data/tnbc/tnbc_0[1-7]_*"): extra_train are trained on, extra_val join the validation split
+    extra_train: tuple[str, ...] = ()
+    extra_val: tuple[str, ...] = ()
     # every training image is rescaled so that its median nucleus diameter becomes this many pixels
     target_diameter: float = TARGET_DIAMETER
     patch_size: int = 192
@@ -80,7 +85,10 @@ class AugmentConfig:
     """Random transforms applied to every training patch (probabilities and ranges)."""
 
     scale_range: tuple[float, float] = (0.6, 1.6)
+    wide_scale_prob: float = 0.3  # share of patches drawn from wide_scale_range (teaches the size output)
+    wide_scale_range: tuple[float, float] = (0.3, 4.0)
     stain_jitter: float = 0.05  # std of the HED stain intensity change
+    stain_mix: float = 0.15  # how much of the eosin channel may leak into the haematoxylin one
     gray_mix: float = 0.5  # how far the RGB->gray weights may move from luminance
     invert_prob: float = 0.1
     gamma_range: tuple[float, float] = (0.6, 1.6)
@@ -159,7 +167,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 2
     dice_weight: float = 1.0
+    size_weight: float = 1.0
     eval_every: int = 5
     eval_images: int = 0  # validation images scored during training (0 = all)
     snapshot_minutes: tuple[float, ...] = (30.0, 60.0, 120.0)
     num_threads: int = 0  # torch threads (0 = torch's default)
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "mps"
+    workers: int = 0  # processes that draw training patches (0 = in the training process)

@@ -1,4 +1,10 @@
-"""Network input: modality-independent normalisation, nucleus-scale rescaling, training patches."""
+"""Network input: modality-independent normalisation, nucleus-scale rescaling, training patches.
+
+The network sees one channel, the nuclear signal, always bright on dark:
+- stained colour images (H&E and other brightfield stains): the haematoxylin channel of a colour
+  deconvolution (``skimage.color.rgb2hed``), which is high on nuclei however dense the tissue is;
+- gray images: the normalised intensity, inverted when the background is bright (brightfield).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,13 @@ from skimage import color, transform
 
 # images are rescaled by at most MIN_SCALE..MAX_SCALE (defined with the other inference defaults)
 from nucleiseg.config import MAX_SCALE, MIN_SCALE, AugmentConfig
-from nucleiseg.io import LUMINANCE, Sample, to_gray
-from nucleiseg.targets import make_targets, median_diameter
+from nucleiseg.io import LUMINANCE, Sample, to_gray, to_rgb_uint8
+from nucleiseg.targets import make_targets, median_diameter, nucleus_diameters
+
+# the size output codes log2(nucleus diameter / target diameter) in [-SIZE_RANGE, SIZE_RANGE] as [0, 1]
+SIZE_RANGE = 3.0
+# the input of the network: the haematoxylin stain, dark nuclei on a light gray background, or bright on dark
+STAIN, BRIGHT_BACKGROUND, DARK_BACKGROUND = "stain", "bright background", "dark background"
 
 
 def normalise(gray: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
@@ -21,7 +32,7 @@ def normalise(gray: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndar
 
 
 def has_bright_background(gray: np.ndarray) -> bool:
-    """True for brightfield and H&E images (dark nuclei on a light background).
+    """True for gray brightfield images (dark nuclei on a light background).
 
     Most pixels of a nucleus image are background, so the median says which side it is on.
     """
@@ -29,26 +40,56 @@ def has_bright_background(gray: np.ndarray) -> bool:
     return bool(median - lo > 0.5 * (hi - lo))
 
 
+def is_colour(image: np.ndarray) -> bool:
+    """True when the channels of an RGB(A) image differ (mean channel spread above 4% of the maximum)."""
+    if image.ndim != 3 or image.shape[2] < 3:
+        return False
+    rgb = image[..., :3].astype(np.float32)
+    return bool((rgb.max(axis=2) - rgb.min(axis=2)).mean() / max(float(rgb.max()), 1e-6) > 0.04)
+
+
+def input_kind(image: np.ndarray) -> str:
+    """How the network reads ``image``: STAIN, BRIGHT_BACKGROUND or DARK_BACKGROUND.
+
+    A colour image is a stained brightfield image unless it is mostly dark (a colour fluorescence
+    composite): light passes through stained tissue, so even dense H&E tissue has a median well above
+    a quarter of the full range, where a fluorescence background sits near zero. Relative rules (the
+    median against the image's own range) fail there: dense tissue is mostly nuclei.
+    """
+    if is_colour(image):
+        gray = to_gray(image)
+        full = 255.0 if image.dtype == np.uint8 else max(float(gray.max()), 1e-6)
+        if np.median(gray) > 0.25 * full:
+            return STAIN
+        return DARK_BACKGROUND
+    return BRIGHT_BACKGROUND if has_bright_background(to_gray(image)) else DARK_BACKGROUND
+
+
+def haematoxylin(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB in [0, 1] or uint8 -> (H, W) float32 haematoxylin optical density (high on nuclei)."""
+    return color.rgb2hed(rgb)[..., 0].astype(np.float32)
+
+
 def prepare_input(image: np.ndarray) -> np.ndarray:
     """(H, W[, C]) image of any modality -> (H, W) float32 in [0, 1], nuclei bright on a dark background.
 
     Clipped to [0, 1] as the training patches are, so that rare very bright pixels (common in 16-bit
     images) do not reach the network at values it never saw."""
-    gray = to_gray(image)
-    x = normalise(gray)
-    if has_bright_background(gray):
-        np.subtract(1.0, x, out=x)
+    kind = input_kind(image)
+    if kind == STAIN:
+        x = normalise(haematoxylin(to_rgb_uint8(image)))
+    else:
+        x = normalise(to_gray(image))
+        if kind == BRIGHT_BACKGROUND:
+            np.subtract(1.0, x, out=x)
     return np.clip(x, 0.0, 1.0, out=x)
 
 
 def image_type(image: np.ndarray) -> str:
     """'histology' for colour images (stained tissue), else 'brightfield' (light background) or
     'fluorescence' (dark background). The rule used for the per-type scores in the README."""
-    if image.ndim == 3 and image.shape[2] >= 3:
-        rgb = image[..., :3].astype(np.float32)
-        spread = (rgb.max(axis=2) - rgb.min(axis=2)).mean() / max(float(rgb.max()), 1e-6)
-        if spread > 0.04:
-            return "histology"
+    if is_colour(image):
+        return "histology"
     return "brightfield" if has_bright_background(to_gray(image)) else "fluorescence"
 
 
@@ -69,45 +110,62 @@ class TrainingImage:
 
     id: str
     rgb: np.ndarray  # (H, W, 3) uint8
-    targets: np.ndarray  # (2, H, W) uint8: foreground, centre distance x 255
-    bright_background: bool
-    colour: bool
-    kind: str
+    targets: np.ndarray  # (3, H, W) uint8 (training_targets)
+    input_kind: str  # STAIN, BRIGHT_BACKGROUND or DARK_BACKGROUND, decided on the image as it was read
+    kind: str  # image type (image_type), for sampling
 
 
-def scale_factor(diameter: float, target_diameter: float) -> float:
-    """Factor that brings nuclei of ``diameter`` to ``target_diameter``, limited to [1/8, 4]."""
+def scale_factor(diameter: float, target_diameter: float, min_scale: float = MIN_SCALE,
+                 max_scale: float = MAX_SCALE) -> float:
+    """Factor that brings nuclei of ``diameter`` to ``target_diameter``, limited to [min_scale, max_scale]."""
     if diameter <= 0:
         return 1.0
-    return float(np.clip(target_diameter / diameter, MIN_SCALE, MAX_SCALE))
+    return float(np.clip(target_diameter / diameter, min_scale, max_scale))
+
+
+def encode_size(diameter: np.ndarray, target_diameter: float) -> np.ndarray:
+    """Nucleus diameters (pixels as the network sees them) -> the size output's value in [0, 1]."""
+    ratio = np.log2(np.maximum(diameter, 1e-3) / target_diameter)
+    return np.clip((ratio + SIZE_RANGE) / (2 * SIZE_RANGE), 0.0, 1.0)
+
+
+def decode_size(value: np.ndarray, target_diameter: float) -> np.ndarray:
+    """Inverse of ``encode_size``."""
+    return target_diameter * 2.0 ** (np.asarray(value) * 2 * SIZE_RANGE - SIZE_RANGE)
 
 
 def prepare_training_image(sample: Sample, target_diameter: float) -> TrainingImage:
-    from nucleiseg.io import to_rgb_uint8
-
     factor = scale_factor(median_diameter(sample.labels), target_diameter)
     rgb = rescale(to_rgb_uint8(sample.image), factor, order=1)
     labels = rescale(sample.labels.astype(np.int32), factor, order=0)
-    targets = (make_targets(labels) * 255).round().astype(np.uint8)
-    kind = image_type(sample.image)
-    return TrainingImage(
-        sample.id, rgb, targets, has_bright_background(to_gray(rgb)), kind == "histology", kind
-    )
+    return TrainingImage(sample.id, rgb, training_targets(labels), input_kind(sample.image), image_type(sample.image))
+
+
+def training_targets(labels: np.ndarray) -> np.ndarray:
+    """(H, W) labels at the network's scale -> (3, H, W) uint8 targets as TrainingImage stores them."""
+    return np.concatenate([
+        (make_targets(labels) * 255).round().astype(np.uint8),
+        np.clip(nucleus_diameters(labels) * 2, 0, 255).round().astype(np.uint8)[None],
+    ])
 
 
 class PatchSampler:
     """Draws augmented (input, target) patches from training images.
 
     Images are drawn with weights that give rare image types (histology, brightfield) more weight than
-    their share of the data set: the user's images are more varied than the competition's.
+    their share of the data set: the user's images are more varied than the competition's. Patches are
+    drawn at nucleus scales from ``scale_range`` and, for a share ``wide_scale_prob`` of them, from the
+    wider ``wide_scale_range``, so that the size output learns to tell nuclei of any size.
     """
 
-    def __init__(self, images: list[TrainingImage], patch_size: int, augment: AugmentConfig, seed: int):
+    def __init__(self, images: list[TrainingImage], patch_size: int, augment: AugmentConfig, seed: int,
+                 target_diameter: float = 17.0):
         if not images:
             raise ValueError("no training images")
         self.images = images
         self.patch_size = patch_size
         self.augment = augment
+        self.target_diameter = target_diameter
         self.rng = np.random.default_rng(seed)
         kinds = [im.kind for im in images]
         counts = {k: kinds.count(k) for k in set(kinds)}
@@ -115,28 +173,36 @@ class PatchSampler:
         self.weights = weights / weights.sum()
 
     def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return x (size, 1, P, P) float32 and y (size, 2, P, P) float32."""
+        """Return x (size, 1, P, P) float32 and y (size, 3, P, P) float32: foreground, centre, size code
+        (the size code is -1 outside nuclei, where it is not learnt)."""
         picks = self.rng.choice(len(self.images), size=size, p=self.weights)
         pairs = [self.patch(self.images[i]) for i in picks]
         return np.stack([p[0] for p in pairs])[:, None], np.stack([p[1] for p in pairs])
 
     def patch(self, image: TrainingImage) -> tuple[np.ndarray, np.ndarray]:
         rng, aug, size = self.rng, self.augment, self.patch_size
-        scale = np.exp(rng.uniform(*np.log(aug.scale_range)))
+        scales = aug.wide_scale_range if rng.random() < aug.wide_scale_prob else aug.scale_range
+        scale = np.exp(rng.uniform(*np.log(scales)))
         crop = max(8, round(size / scale))
         rgb, targets = image.rgb, np.moveaxis(image.targets, 0, -1)
         pad = [(0, max(0, crop - s)) for s in rgb.shape[:2]]
         if any(p[1] for p in pad):
-            rgb = np.pad(rgb, pad + [(0, 0)], mode="reflect" if min(rgb.shape[:2]) > 1 else "edge")
-            targets = np.pad(targets, pad + [(0, 0)], mode="reflect" if min(rgb.shape[:2]) > 1 else "edge")
+            mode = "reflect" if min(rgb.shape[:2]) > 1 else "edge"
+            rgb = np.pad(rgb, pad + [(0, 0)], mode=mode)
+            targets = np.pad(targets, pad + [(0, 0)], mode=mode)
         y0 = rng.integers(0, rgb.shape[0] - crop + 1)
         x0 = rng.integers(0, rgb.shape[1] - crop + 1)
         rgb = rgb[y0 : y0 + crop, x0 : x0 + crop].astype(np.float32) / 255
-        targets = targets[y0 : y0 + crop, x0 : x0 + crop].astype(np.float32) / 255
+        maps = targets[y0 : y0 + crop, x0 : x0 + crop, :2].astype(np.float32) / 255
+        diameters = targets[y0 : y0 + crop, x0 : x0 + crop, 2].astype(np.float32) / 2
         if crop != size:
             rgb = transform.resize(rgb, (size, size), order=1, anti_aliasing=crop > size)
-            targets = transform.resize(targets, (size, size), order=1, anti_aliasing=False)
-            targets[..., 0] = targets[..., 0] > 0.5
+            maps = transform.resize(maps, (size, size), order=1, anti_aliasing=False)
+            maps[..., 0] = maps[..., 0] > 0.5
+            diameters = transform.resize(diameters, (size, size), order=0, anti_aliasing=False)
+        code = np.where((maps[..., 0] > 0) & (diameters > 0),
+                        encode_size(diameters * size / crop, self.target_diameter), -1.0)
+        targets = np.concatenate([maps, code[..., None]], axis=-1)
         x = self._intensity(rgb, image)
         k = rng.integers(4)
         flip = rng.random() < 0.5
@@ -146,19 +212,24 @@ class PatchSampler:
         return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(np.moveaxis(targets, -1, 0), np.float32)
 
     def _intensity(self, rgb: np.ndarray, image: TrainingImage) -> np.ndarray:
-        """Stain, colour-to-gray, polarity, gamma, contrast, blur and noise changes -> (P, P) float32."""
+        """Stain, channel, polarity, gamma, contrast, blur and noise changes -> (P, P) float32, read as
+        ``prepare_input`` reads the whole image."""
         rng, aug = self.rng, self.augment
-        if image.colour and aug.stain_jitter > 0:
+        if image.input_kind == STAIN:
+            # stain jitter in the deconvolved space: other labs' stain strengths and hues
             hed = color.rgb2hed(rgb)
             hed = hed * rng.normal(1, aug.stain_jitter * 4, 3) + rng.normal(0, aug.stain_jitter, 3)
-            rgb = np.clip(color.hed2rgb(hed), 0, 1)
-        weights = np.clip(LUMINANCE + rng.uniform(-aug.gray_mix, aug.gray_mix, 3) * LUMINANCE.max(), 0.01, None)
-        gray = rgb @ (weights / weights.sum()).astype(np.float32)
-        x = normalise(gray, low=rng.uniform(0.5, 3), high=rng.uniform(99.0, 99.9))
-        if image.bright_background:
-            x = 1 - x
-        if rng.random() < aug.invert_prob:
-            x = 1 - x
+            # a little of the eosin channel leaks into the haematoxylin one when the stain vectors differ
+            signal = hed[..., 0] + rng.uniform(-aug.stain_mix, aug.stain_mix) * hed[..., 1]
+            x = normalise(signal.astype(np.float32), low=rng.uniform(0.5, 3), high=rng.uniform(99.0, 99.9))
+        else:
+            weights = np.clip(LUMINANCE + rng.uniform(-aug.gray_mix, aug.gray_mix, 3) * LUMINANCE.max(), 0.01, None)
+            gray = rgb @ (weights / weights.sum()).astype(np.float32)
+            x = normalise(gray, low=rng.uniform(0.5, 3), high=rng.uniform(99.0, 99.9))
+            if image.input_kind == BRIGHT_BACKGROUND:
+                x = 1 - x
+            if rng.random() < aug.invert_prob:
+                x = 1 - x
         x = np.clip(x, 0, 1) ** np.exp(rng.uniform(*np.log(aug.gamma_range)))
         x = x * rng.uniform(*aug.contrast_range) + rng.uniform(-aug.brightness, aug.brightness)
         if rng.random() < aug.blur_prob:

@@ -81,6 +81,21 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+def select_device(name: str = "auto") -> torch.device:
+    """"auto" -> CUDA if PyTorch sees a GPU, else Apple's MPS if present, else the CPU; a named device
+    that is not there is an error that says so."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name not in available:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    if not available[name]:
+        raise ValueError(f"device {name!r} is not available here (PyTorch sees no such device); use auto or cpu")
+    return torch.device(name)
+
+
 def build_model(cfg: ModelConfig) -> UNet:
     return UNet(cfg.in_channels, cfg.out_channels, cfg.base_channels, cfg.depth)
 

@@ -25,6 +25,7 @@ def instances(
     """
     if probabilities.ndim != 3 or probabilities.shape[0] < 2:
         raise ValueError(f"expected (K, H, W) probabilities with K >= 2, got shape {probabilities.shape}")
+    probabilities = probabilities[:2]  # a size output, if any, is not needed here
     if max(probabilities.shape[1:]) > block:
         return _blockwise(probabilities, thresholds, diameter, block)
     return _instances(probabilities, thresholds, diameter)

@@ -36,7 +36,7 @@ class Predictor(Protocol):
 
 
 class TorchPredictor:
-    """Predictor for a torch network that outputs logits, on the CPU.
+    """Predictor for a torch network that outputs logits, on the device the network is on.
 
     Parameters
     ----------
@@ -54,9 +54,10 @@ class TorchPredictor:
         self.size_multiple, self.out_channels, self.bf16 = size_multiple, out_channels, bf16
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.network(torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
-            return torch.sigmoid(logits.float()).numpy()
+        device = next(self.network.parameters()).device  # the CPU, or a GPU the network was moved to
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.network(torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(device))
+            return torch.sigmoid(logits.float()).cpu().numpy()
 
 
 def torch_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:

@@ -1,8 +1,8 @@
 """Whole-image segmentation: normalise, estimate the nucleus size, rescale, predict, split instances.
 
 The network was trained with nuclei rescaled to ``target_diameter`` pixels. An image with other nuclei
-sizes is rescaled so its nuclei reach that size; the diameter is estimated by segmenting a central crop
-and repeating at the scale that estimate implies until it settles.
+sizes is rescaled so its nuclei reach that size; the diameter is read from the network's size output on
+a central crop (see ``Segmenter.estimate_diameter``).
 
 Segmentation returns a ``Segmentation`` and writes nothing; ``outputs`` writes it.
 """
@@ -19,21 +19,21 @@ from pathlib import Path
 
 import numpy as np
 
-from nucleiseg.config import MAX_SCALE, MIN_SCALE, InferenceConfig
-from nucleiseg.data import prepare_input, scale_factor
+from nucleiseg.config import InferenceConfig
+from nucleiseg.data import decode_size, prepare_input, scale_factor
 from nucleiseg.io import ImageMetadata, ImageReadError, check_image, read_image, read_metadata, to_gray
 from nucleiseg.model import DEFAULT_MODEL, ModelBundle, load_model
 from nucleiseg.postprocess import instances
 from nucleiseg.predict import Predictor, make_predictor, predict_probabilities
-from nucleiseg.targets import median_diameter
 
 log = logging.getLogger(__name__)
 
 ESTIMATE_CROP = 768  # side of the central crop used to estimate the diameter
-SETTLED = math.log(1.15)  # stop refining once the scale changes by less than 15%
-# where the network finds nothing, it looks again at up to this scale (nuclei of 4-8 px then reach
-# training size); an image where nothing is found at all is segmented at scale 1
-LOOK_FINER_UP_TO = 2.0
+KEEP_WITHIN = math.log(1.3)  # a pass within 1.3x of the scale its size output implies is kept
+MAX_ESTIMATE_PASSES = 3
+# where the network finds nothing at scale 1 it looks again at this scale (nuclei of 2-4 px then reach
+# the smallest size it was trained on); an image where nothing is found at all is segmented at scale 1
+LOOK_FINER = 2.0
 
 
 @dataclass
@@ -90,9 +90,6 @@ class Segmenter:
             self.source = str(folder.resolve()) if folder.is_dir() else str(model)  # a shipped model's name
         config = config or self.bundle.inference
         self.config = config.updated(**{k: v for k, v in settings.items() if v is not None})
-        if (self.config.min_scale, self.config.max_scale) != (MIN_SCALE, MAX_SCALE):
-            # the diameter estimate uses the bounds of data.scale_factor; refuse rather than ignore other ones
-            raise ValueError(f"rescaling bounds other than {MIN_SCALE:g}-{MAX_SCALE:g} are not supported yet")
         self.custom_predictor = predictor is not None
         self.predictor = predictor or make_predictor(self.bundle, self.config)
 
@@ -123,6 +120,10 @@ class Segmenter:
                 "weights": digest.hexdigest()[:16], "predictor": type(self.predictor).__name__,
                 "inference": asdict(self.config)}
 
+    def scale_for(self, diameter: float) -> float:
+        """The factor that brings nuclei of ``diameter`` pixels to the training size, within the bounds."""
+        return scale_factor(diameter, self.target_diameter, self.config.min_scale, self.config.max_scale)
+
     def probabilities(self, x: np.ndarray, scale: float) -> np.ndarray:
         """(H, W) normalised image -> (K, H, W) probabilities, the network seeing it resized by ``scale``."""
         return predict_probabilities(self.predictor, x, scale, self.config)
@@ -130,49 +131,64 @@ class Segmenter:
     def estimate_diameter(self, x: np.ndarray) -> tuple[float | None, float, np.ndarray | None]:
         """Estimate the median nucleus diameter of normalised image ``x`` (in its own pixels).
 
-        Segments a central crop, coarse to fine: first at scale 1/8, where even large nuclei look like
-        training-sized ones (at scale 1 the network would cut a large nucleus into training-sized pieces
-        and the estimate would agree with itself); finer, up to 2x, where nothing is found; then at the
-        scale each estimate implies until it changes by less than 15%. Returns the diameter (None if no
-        nucleus was found; the scale is then 1), the settled scale and, when the crop was the whole image,
-        the probabilities at that scale.
+        The network's size output says, for every nucleus pixel, how large its nucleus is; it was
+        trained on nuclei from 0.3x to 4x the training size, so one pass over a central crop at scale 1
+        reads the size directly, with no iteration that could settle on clusters or texture. A second
+        pass, at the scale that reading implies, runs only when that scale is off by more than 1.3x
+        (the network was trained at 0.6-1.6x, so a pass within 1.3x is kept as it is), and a third only if
+        the second disagrees. Where nothing is found at scale 1, one pass at 2x looks for small nuclei.
+
+        Returns the diameter (None if no nucleus was found; the scale is then 1), the scale of the last
+        pass and, when the crop was the whole image, the outputs of that pass.
         """
         h, w = x.shape
         top, left = max(0, (h - ESTIMATE_CROP) // 2), max(0, (w - ESTIMATE_CROP) // 2)
         crop = x[top : top + ESTIMATE_CROP, left : left + ESTIMATE_CROP]
-        scale, diameter, settled = MIN_SCALE, None, None
-        for _ in range(6):
-            probabilities = self.probabilities(crop, scale)
-            # objects down to a quarter of the size the network expects at this scale still count
-            found = median_diameter(instances(probabilities, self.thresholds, self.target_diameter / scale / 4))
-            if found == 0:
-                if diameter is None and scale < LOOK_FINER_UP_TO:
-                    if scale == 1:
-                        settled = (scale, probabilities)  # used if nothing is found at any scale
-                    scale *= 2  # nothing at this scale: the nuclei may be small, look finer
+        scale, diameter, settled = 1.0, None, None
+        for _ in range(MAX_ESTIMATE_PASSES):
+            outputs = self.probabilities(crop, scale)
+            found = self.read_diameter(outputs, scale)
+            if found is None:
+                if diameter is None and scale == 1.0:
+                    settled = (scale, outputs)  # used if nothing is found at 2x either
+                    scale = LOOK_FINER
                     continue
-                break  # keep the last scale where nuclei were found (or scale 1)
-            diameter, settled = found, (scale, probabilities)
-            new_scale = scale_factor(diameter, self.target_diameter)
-            if abs(math.log(new_scale / scale)) < SETTLED:
+                break
+            diameter, settled = found, (scale, outputs)
+            new_scale = self.scale_for(diameter)
+            if abs(math.log(new_scale / scale)) < KEEP_WITHIN:
                 break
             scale = new_scale
-        scale, probabilities = settled
-        return diameter, scale, probabilities if crop.shape == x.shape else None
+        scale, outputs = settled
+        return diameter, scale, outputs if crop.shape == x.shape else None
+
+    def read_diameter(self, outputs: np.ndarray, scale: float) -> float | None:
+        """Median nucleus diameter (image pixels) from the size output over the predicted foreground of a
+        pass at ``scale``; None when less than one nucleus' worth of foreground was found.
+
+        Each pixel is weighted by 1 / (its nucleus' area), so that every nucleus counts once, as in the
+        median over nuclei that the training targets use."""
+        foreground = outputs[0] > self.thresholds.foreground_threshold
+        if foreground.sum() < np.pi * (self.target_diameter / scale / 2) ** 2 / 4:
+            return None
+        diameters = decode_size(outputs[2][foreground], self.target_diameter) / scale
+        order = np.argsort(diameters)
+        weights = np.cumsum(1.0 / diameters[order] ** 2)
+        return float(diameters[order][np.searchsorted(weights, weights[-1] / 2)])
 
     def image_probabilities(
         self, x: np.ndarray, diameter: float | None = None
     ) -> tuple[np.ndarray, float | None, float]:
-        """(H, W) normalised image -> (2, H, W) probabilities, the nucleus diameter (as given, estimated, or
-        None if the estimate found no nucleus) and the scale factor the network saw the image at."""
-        probabilities = None
+        """(H, W) normalised image -> (K, H, W) network outputs, the nucleus diameter (as given, estimated,
+        or None if the estimate found no nucleus) and the scale factor the network saw the image at."""
+        outputs = None
         if diameter is None:
-            diameter, scale, probabilities = self.estimate_diameter(x)
+            diameter, scale, outputs = self.estimate_diameter(x)
         else:
-            scale = scale_factor(diameter, self.target_diameter)
-        if probabilities is None:
-            probabilities = self.probabilities(x, scale)
-        return probabilities, diameter, scale
+            scale = self.scale_for(diameter)
+        if outputs is None:
+            outputs = self.probabilities(x, scale)
+        return outputs, diameter, scale
 
     def segment(self, image: np.ndarray, diameter: float | None = None) -> Segmentation:
         """Segment one image.

@@ -36,6 +36,14 @@ def median_diameter(labels: np.ndarray) -> float:
     return float(np.median(np.sqrt(4 * areas / np.pi))) if areas.size else 0.0
 
 
+def nucleus_diameters(labels: np.ndarray) -> np.ndarray:
+    """(H, W) labels -> (H, W) float32: the equivalent diameter of each pixel's nucleus, 0 on background."""
+    areas = np.bincount(labels.ravel()).astype(np.float32)
+    diameters = np.sqrt(4 * areas / np.pi)
+    diameters[0] = 0
+    return diameters[labels]
+
+
 def make_targets(labels: np.ndarray) -> np.ndarray:
     """(H, W) labels -> (2, H, W) float32: foreground, centre distance."""
     return np.stack([foreground(labels), centre_distance(labels)])

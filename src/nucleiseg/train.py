@@ -14,6 +14,7 @@ import math
 import os
 import time
 from dataclasses import asdict
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,9 @@ from tqdm import tqdm
 
 from nucleiseg.config import TrainConfig, load_json, save_json
 from nucleiseg.data import PatchSampler, image_type, prepare_training_image
-from nucleiseg.io import Sample, atomic_path, load_dataset
+from nucleiseg.io import Sample, atomic_path, load_dataset, sample_ids
 from nucleiseg.metrics import Report, evaluate
-from nucleiseg.model import ModelBundle, build_model, save_model
+from nucleiseg.model import ModelBundle, build_model, save_model, select_device
 from nucleiseg.targets import median_diameter
 
 log = logging.getLogger(__name__)
@@ -45,19 +46,68 @@ def validation_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     return [s for s in samples if s.id not in val_ids], [s for s in samples if s.id in val_ids]
 
 
+def select_samples(spec: str, progress: bool = True) -> list[Sample]:
+    """Samples of a competition-layout folder whose ids match a pattern: ``"folder/pattern"``."""
+    folder, pattern = os.path.split(spec)
+    ids = [i for i in sample_ids(folder) if fnmatch(i, pattern)] if os.path.isdir(folder) else []
+    if not ids:
+        raise ValueError(f"{spec}: no image folder of {folder!r} matches {pattern!r}")
+    return load_dataset(folder, ids, progress=progress)
+
+
 def load_split(cfg: TrainConfig, progress: bool = True) -> tuple[list[Sample], list[Sample]]:
+    """Training and validation samples: the split of ``cfg.data.root`` plus the extra folders."""
     samples = load_dataset(cfg.data.root, progress=progress)
-    return validation_split(samples, cfg.data.val_fraction, cfg.data.split_seed)
+    train, val = validation_split(samples, cfg.data.val_fraction, cfg.data.split_seed)
+    for spec in cfg.data.extra_train:
+        train += select_samples(spec, progress)
+    for spec in cfg.data.extra_val:
+        val += select_samples(spec, progress)
+    return train, val
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, dice_weight: float) -> torch.Tensor:
-    """Binary cross-entropy on both maps plus soft Dice on the foreground (thin gaps between nuclei
-    are few pixels, and Dice keeps the foreground from being smeared over them)."""
-    bce = F.binary_cross_entropy_with_logits(logits, targets)
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, dice_weight: float, size_weight: float = 1.0) -> torch.Tensor:
+    """Binary cross-entropy on the foreground and centre maps plus soft Dice on the foreground (thin gaps
+    between nuclei are few pixels, and Dice keeps the foreground from being smeared over them), plus
+    cross-entropy of the size code inside nuclei (targets below 0 mark pixels where it is not learnt)."""
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits[:, :2], targets[:, :2])
     prob = torch.sigmoid(logits[:, 0])
     fg = targets[:, 0]
     dice = 1 - (2 * (prob * fg).sum() + 1) / (prob.sum() + fg.sum() + 1)
-    return bce + dice_weight * dice
+    loss = bce + dice_weight * dice
+    if logits.shape[1] > 2:
+        known = targets[:, 2] >= 0
+        size = F.binary_cross_entropy_with_logits(logits[:, 2][known], targets[:, 2][known]) if known.any() else 0
+        loss = loss + size_weight * size
+    return loss
+
+
+class EpochPatches(torch.utils.data.IterableDataset):
+    """The batches of one epoch, drawn by one or several worker processes.
+
+    Each worker's random generator is seeded with (random seed, epoch, worker), so an epoch's batches
+    depend on nothing else: a resumed run draws what an uninterrupted one would.
+    """
+
+    def __init__(self, sampler: PatchSampler, cfg: TrainConfig, epoch: int):
+        self.sampler, self.cfg, self.epoch = sampler, cfg, epoch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        self.sampler.rng = np.random.default_rng([self.cfg.seed, self.epoch, worker])
+        for _ in range(worker, self.cfg.steps_per_epoch, workers):
+            yield self.sampler.batch(self.cfg.batch_size)
+
+
+def epoch_batches(sampler: PatchSampler, cfg: TrainConfig, epoch: int):
+    patches = EpochPatches(sampler, cfg, epoch)
+    if not cfg.workers:
+        return iter(patches)
+    return iter(torch.utils.data.DataLoader(patches, batch_size=None, num_workers=cfg.workers,
+                                            multiprocessing_context="fork",
+                                            pin_memory=torch.cuda.is_available()))
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -127,15 +177,16 @@ def fit(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = Fals
         prepare_training_image(s, cfg.data.target_diameter)
         for s in tqdm(train_samples, desc="preparing targets", unit="img", disable=not progress, leave=False)
     ]
-    sampler = PatchSampler(images, cfg.data.patch_size, cfg.augment, cfg.seed)
-    network = build_model(cfg.model)
+    sampler = PatchSampler(images, cfg.data.patch_size, cfg.augment, cfg.seed, cfg.data.target_diameter)
+    device = select_device(cfg.device)
+    log.info("training on %s", device)
+    network = build_model(cfg.model).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "minutes": 0.0, "best": -1.0, "snapshots": []}
     if resume:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         network.load_state_dict(checkpoint["network"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        sampler.rng.bit_generator.state = checkpoint["sampler_rng"]
         torch.set_rng_state(checkpoint["torch_rng"])
         state = checkpoint["state"]
         log.info("resuming after epoch %d (%.1f min trained)", state["epoch"], state["minutes"])
@@ -156,14 +207,17 @@ def fit(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = Fals
         started = time.perf_counter()
         network.train()
         losses = []
+        batches = epoch_batches(sampler, cfg, epoch)
         bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
         for i in bar:
             step = (epoch - 1) * cfg.steps_per_epoch + i
             lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = sampler.batch(cfg.batch_size)
-            loss = loss_fn(network(torch.from_numpy(x)), torch.from_numpy(y), cfg.dice_weight)
+            x, y = (torch.as_tensor(a).to(device, non_blocking=True) for a in next(batches))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = network(x)
+            loss = loss_fn(logits, y, cfg.dice_weight, cfg.size_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -189,8 +243,7 @@ def fit(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = Fals
         with atomic_path(checkpoint_path) as tmp:
             torch.save(
                 {"network": network.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                 "sampler_rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                 "config": asdict(cfg)},
+                 "torch_rng": torch.get_rng_state(), "config": asdict(cfg)},
                 tmp,
             )
         try:
