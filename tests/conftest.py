@@ -67,3 +67,16 @@ def tiny_model(tmp_path_factory, validation_samples) -> Path:
     folder = tmp_path_factory.mktemp("tiny_model")
     save_model(folder, bundle)
     return folder
+
+
+@pytest.fixture(scope="session")
+def dense_tissue():
+    """Real H&E images where nuclei cover a third to most of the pixels, so that the median pixel is a
+    nucleus: a 40x TNBC training image and a dense stage1_train histology image (``../shared``)."""
+    from nucleiseg.io import load_sample
+
+    folders = [REPO.parent / "shared" / "data" / "tnbc" / "tnbc_04_8",
+               TRAIN / "13f2bec0a24c70345372febb14c4352877b1b6c1b01896246048e83c345c0914"]
+    if not all(f.is_dir() for f in folders):
+        pytest.skip("dense-tissue images of ../shared/data not found")
+    return [load_sample(f, overlap="warn") for f in folders]

@@ -2,8 +2,17 @@ import numpy as np
 import pytest
 
 from nucleiseg.config import AugmentConfig
-from nucleiseg.data import PatchSampler, image_type, prepare_input, prepare_training_image, scale_factor
-from nucleiseg.io import load_dataset
+from nucleiseg.data import (
+    STAIN,
+    PatchSampler,
+    has_bright_background,
+    image_type,
+    input_kind,
+    prepare_input,
+    prepare_training_image,
+    scale_factor,
+)
+from nucleiseg.io import load_dataset, to_gray
 from nucleiseg.targets import median_diameter
 
 from .conftest import REPO
@@ -35,17 +44,26 @@ def test_training_images_are_brought_to_the_target_diameter(validation_samples):
         prepared = prepare_training_image(s, target_diameter=17.0)
         factor = scale_factor(median_diameter(s.labels), 17.0)
         assert abs(prepared.rgb.shape[0] - s.image.shape[0] * factor) <= 1
-        assert prepared.targets.shape == (2,) + prepared.rgb.shape[:2]
+        assert prepared.targets.shape == (3,) + prepared.rgb.shape[:2]
         assert set(np.unique(prepared.targets[0])) <= {0, 255}
+        # the size target: each nucleus pixel holds twice its nucleus' diameter, so that the pixel median
+        # (which weighs large nuclei more) is near the 17 px the image was brought to
+        sizes = prepared.targets[2][prepared.targets[0] > 0] / 2
+        assert abs(np.log(np.median(sizes) / 17.0)) < np.log(1.5), s.id
 
 
 def test_patches_are_valid_and_reproducible(validation_samples):
     images = [prepare_training_image(s, 17.0) for s in validation_samples]
     batches = [PatchSampler(images, 64, AugmentConfig(), seed=3).batch(6) for _ in range(2)]
     x, y = batches[0]
-    assert x.shape == (6, 1, 64, 64) and y.shape == (6, 2, 64, 64)
+    assert x.shape == (6, 1, 64, 64) and y.shape == (6, 3, 64, 64)
     assert np.isfinite(x).all() and set(np.unique(y[:, 0])) <= {0.0, 1.0}
     assert 0 <= y[:, 1].min() and y[:, 1].max() <= 1
+    # the size code is learnt inside nuclei only (in [0, 1]) and marked -1 elsewhere
+    inside = y[:, 0] > 0
+    code = y[:, 2][inside]
+    assert (y[:, 2][~inside] == -1).all() and ((code == -1) | ((0 <= code) & (code <= 1))).all()
+    assert (code >= 0).mean() > 0.95  # only rim pixels where the resized maps disagree are left out
     np.testing.assert_array_equal(batches[0][0], batches[1][0])
 
 
@@ -53,3 +71,14 @@ def test_scale_factor_is_limited():
     assert scale_factor(17.0, 17.0) == 1.0
     assert scale_factor(170.0, 17.0) == 0.125 and scale_factor(1.0, 17.0) == 4.0
     assert scale_factor(0.0, 17.0) == 1.0
+
+
+def test_dense_tissue_gives_bright_nuclei_not_bright_gaps(dense_tissue):
+    """In dense H&E tissue most pixels are nuclei: a rule on the median pixel calls the background dark and
+    shows the gaps as nuclei. The haematoxylin channel has the nuclei bright whatever the density."""
+    for s in dense_tissue:
+        assert input_kind(s.image) == STAIN, s.id
+        x = prepare_input(s.image)
+        inside, outside = np.median(x[s.labels > 0]), np.median(x[s.labels == 0])
+        assert inside > outside + 0.1, s.id
+        assert not has_bright_background(to_gray(s.image)), "no longer a dense case for the median rule"

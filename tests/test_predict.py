@@ -11,7 +11,7 @@ def plus_one(batch: np.ndarray) -> np.ndarray:
 
 
 def predictor(network) -> TorchPredictor:
-    return TorchPredictor(network, 2**network.depth, out_channels=2)
+    return TorchPredictor(network, 2**network.depth, out_channels=network.head.out_channels)
 
 
 @pytest.mark.parametrize("shape", [(37, 53), (256, 256), (300, 1000), (1023, 517)])
@@ -66,7 +66,7 @@ def test_tiles_at_another_scale_equal_the_whole_image(validation_samples, scale)
     x = prepare_input(validation_samples[0].image)
     whole = predict_probabilities(predictor(network), x, scale, InferenceConfig(tile=1024, overlap=0))
     tiled = predict_probabilities(predictor(network), x, scale, InferenceConfig(tile=128, overlap=48))
-    assert whole.shape == tiled.shape == (2,) + x.shape
+    assert whole.shape == tiled.shape == (3,) + x.shape
     assert np.abs(whole - tiled).mean() < 2e-3
 
 
@@ -79,7 +79,7 @@ class NoNuclei(torch.nn.Module):
 
     def forward(self, x):
         self.sizes.append(tuple(x.shape[-2:]))
-        return torch.full((x.shape[0], 2, *x.shape[-2:]), -10.0)
+        return torch.full((x.shape[0], 3, *x.shape[-2:]), -10.0)
 
 
 def test_image_without_nuclei_is_searched_up_to_2x_then_segmented_at_1x(validation_samples):
@@ -124,4 +124,4 @@ def test_tta_and_bf16_are_settings_of_the_config():
     x = np.random.default_rng(0).random((40, 56)).astype(np.float32)
     plain = predict_probabilities(predictor(network), x)
     flipped = predict_probabilities(predictor(network), x, config=InferenceConfig(tta=True))
-    assert plain.shape == flipped.shape == (2, 40, 56) and np.abs(plain - flipped).max() > 0
+    assert plain.shape == flipped.shape == (3, 40, 56) and np.abs(plain - flipped).max() > 0

@@ -68,7 +68,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="tune post-processing thresholds on the validation split",
                        formatter_class=formatter)
     p.add_argument("--model", required=True, help="model folder; thresholds.json is written into it")
-    p.add_argument("--data", default=DEFAULT_TRAIN, help="training data folder (competition layout)")
+    p.add_argument("--config", help="training config whose validation split to tune on (default: the model "
+                                    "folder's train_config.json, the split the model was trained with)")
 
     p = sub.add_parser("evaluate", help="score predictions against ground truth", formatter_class=formatter)
     p.add_argument("predictions", help="folder of label images (<id>.png, <id>_labels.png/.tif) or a "
@@ -175,16 +176,19 @@ def _train(args) -> int:
 
 
 def _tune(args) -> int:
-    from nucleiseg.config import TrainConfig, save_json
-    from nucleiseg.model import load_model, model_folder
+    from nucleiseg.config import TrainConfig, load_json, save_json
+    from nucleiseg.model import TRAIN_CONFIG, load_model, model_folder
     from nucleiseg.train import load_split
     from nucleiseg.tune import tune_thresholds
 
-    cfg = TrainConfig()
-    cfg.data.root = args.data
-    _, val = load_split(cfg)
-    best, report = tune_thresholds(load_model(args.model), val)
-    save_json(best, model_folder(args.model) / "thresholds.json")
+    folder = model_folder(args.model)
+    config = Path(args.config) if args.config else folder / TRAIN_CONFIG
+    if not config.exists():
+        raise ValueError(f"{config}: no training config; give the one the model was trained with (--config)")
+    _, val = load_split(load_json(TrainConfig, config))
+    best, report = tune_thresholds(load_model(folder), val)
+    best.tuned_on = f"validation split of {config.name} ({report.n_images} images)"
+    save_json(best, folder / "thresholds.json")
     print(f"thresholds {best} give DSB score {report.dsb_score:.4f} on {report.n_images} validation images")
     return 0
 

@@ -110,6 +110,7 @@ class PostprocessConfig:
     foreground_threshold: float = 0.5
     marker_threshold: float = 0.5  # watershed markers: where the centre map exceeds this
     min_area_fraction: float = 0.1  # objects below this fraction of the mean nucleus area are dropped
+    tuned_on: str = ""  # the images `nucleiseg tune` chose these on; "" = untuned defaults
 
 
 @dataclass

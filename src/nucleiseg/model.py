@@ -25,6 +25,7 @@ from nucleiseg.config import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
+TRAIN_CONFIG = "train_config.json"  # the recipe a model folder was trained with
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -52,7 +53,7 @@ class UNet(nn.Module):
     Input (B, in_channels, H, W) float; output (B, out_channels, H, W) logits.
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 2, base_channels: int = 16, depth: int = 4):
+    def __init__(self, in_channels: int = 1, out_channels: int = 3, base_channels: int = 16, depth: int = 4):
         super().__init__()
         if depth < 1 or base_channels < 1:
             raise ValueError(f"depth and base_channels must be positive, got {depth} and {base_channels}")
@@ -167,8 +168,9 @@ class ModelInfo:
 _OWN_FILES = ("target_diameter", "thresholds")
 
 
-def save_model(folder: str | os.PathLike, bundle: ModelBundle) -> None:
-    """Write a model folder: weights.pt, model.json, thresholds.json and inference.json."""
+def save_model(folder: str | os.PathLike, bundle: ModelBundle, recipe=None) -> None:
+    """Write a model folder: weights.pt, model.json, thresholds.json, inference.json and, when ``recipe``
+    (the TrainConfig) is given, train_config.json: the data and validation split it was trained on."""
     from nucleiseg.io import atomic_path
 
     folder = Path(folder)
@@ -178,6 +180,8 @@ def save_model(folder: str | os.PathLike, bundle: ModelBundle) -> None:
     save_json(bundle.thresholds, folder / "thresholds.json")
     settings = {k: v for k, v in asdict(bundle.inference).items() if k not in _OWN_FILES}
     save_json(settings, folder / "inference.json")
+    if recipe is not None:
+        save_json(recipe, folder / TRAIN_CONFIG)
 
 
 def model_folder(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:

@@ -54,7 +54,8 @@ class TorchPredictor:
         self.size_multiple, self.out_channels, self.bf16 = size_multiple, out_channels, bf16
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        device = next(self.network.parameters()).device  # the CPU, or a GPU the network was moved to
+        # the CPU, or a GPU the network was moved to
+        device = next(self.network.parameters(), torch.empty(0)).device
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.network(torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(device))
             return torch.sigmoid(logits.float()).cpu().numpy()

@@ -234,10 +234,10 @@ def fit(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = Fals
             log.info("epoch %d: val DSB %.4f AP50 %.4f", epoch, report.dsb_score, report.ap50)
             if report.dsb_score > state["best"]:
                 state["best"] = report.dsb_score
-                save_model(run_dir / "model", bundle())
+                save_model(run_dir / "model", bundle(), cfg)
         for minutes in cfg.snapshot_minutes:
             if state["minutes"] >= minutes and minutes not in state["snapshots"]:
-                save_model(run_dir / "snapshots" / f"{minutes:g}min", bundle())
+                save_model(run_dir / "snapshots" / f"{minutes:g}min", bundle(), cfg)
                 state["snapshots"].append(minutes)
         write_history_row(history_path, row)
         with atomic_path(checkpoint_path) as tmp:
@@ -253,5 +253,5 @@ def fit(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = Fals
         except Exception as exc:  # a plotting problem must not stop training
             log.warning("could not draw the training curve: %s", exc)
     if not (run_dir / "model").exists():
-        save_model(run_dir / "model", bundle())
+        save_model(run_dir / "model", bundle(), cfg)
     return run_dir / "model"
