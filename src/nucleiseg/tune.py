@@ -19,12 +19,13 @@ log = logging.getLogger(__name__)
 
 FOREGROUND = (0.3, 0.4, 0.5, 0.6, 0.7)
 MARKER = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+MIN_AREA = (0.1, 0.2, 0.3)  # fractions of a disc of the estimated diameter
 
 
 def tune_thresholds(
     model: ModelBundle, samples: list[Sample], progress: bool = True
 ) -> tuple[PostprocessConfig, Report]:
-    """Try every (foreground, marker) threshold pair on ``samples`` and return the best by DSB score.
+    """Try every (foreground, marker, smallest area) combination on ``samples``; return the best by DSB score.
 
     The probability maps are computed once per image, at the scale the model's diameter estimate
     picks with its current thresholds, so only the cheap post-processing is repeated.
@@ -35,11 +36,11 @@ def tune_thresholds(
         probabilities, diameter, _ = segmenter.image_probabilities(prepare_input(s.image))
         cached.append((s, probabilities, diameter or model.target_diameter))
     best: tuple[PostprocessConfig, Report] | None = None
-    for fg, marker in tqdm(list(itertools.product(FOREGROUND, MARKER)), desc="thresholds", disable=not progress,
-                         leave=False):
-        thresholds = PostprocessConfig(fg, marker, model.thresholds.min_area_fraction)
+    grid = list(itertools.product(FOREGROUND, MARKER, MIN_AREA))
+    for fg, marker, min_area in tqdm(grid, desc="thresholds", disable=not progress, leave=False):
+        thresholds = PostprocessConfig(fg, marker, min_area)
         report = evaluate((s.id, s.labels, instances(p, thresholds, d)) for s, p, d in cached)
-        log.info("foreground %.2f marker %.2f: DSB %.4f", fg, marker, report.dsb_score)
+        log.info("foreground %.2f marker %.2f min area %.2f: DSB %.4f", fg, marker, min_area, report.dsb_score)
         if best is None or report.dsb_score > best[1].dsb_score:
             best = (thresholds, report)
     return best
