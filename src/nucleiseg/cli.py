@@ -46,6 +46,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
                    help=f"comma-separated outputs per image, among {', '.join(WRITERS)}")
     p.add_argument("--format", choices=LABEL_FORMATS, default=OutputOptions.label_format, help="label image format")
+    p.add_argument("--pixel-size", type=float, default=None, metavar="MICRONS",
+                   help="micrometres per pixel of every image (default: from the TIFF/OME-TIFF metadata, where "
+                        "they have it); gives the CSV's µm columns and the OME-TIFF's physical size")
     p.add_argument("--overwrite", action="store_true", help="redo images that an earlier run finished")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
     # inference settings: unset ones come from the model folder (inference.json), else these defaults
@@ -119,8 +122,8 @@ def _segment(args) -> int:
         return 1
     outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
     segmenter = Segmenter(args.model, **inference_settings(args))
-    result = segment_batch(paths, args.out, segmenter, args.diameter, outputs, OutputOptions(args.format),
-                           args.overwrite)
+    options = OutputOptions(args.format, args.pixel_size)
+    result = segment_batch(paths, args.out, segmenter, args.diameter, outputs, options, args.overwrite)
     total = sum(row["nuclei"] for row in result.done)
     print(f"{len(result.done)} images segmented ({result.skipped} already done), {len(result.failed)} failed, "
           f"{total} nuclei; results in {args.out}")
