@@ -23,6 +23,7 @@ INFERENCE_OPTIONS = [
     ("--bf16", bool, "run the network in bfloat16: faster on CPUs with AVX512-BF16/AMX, labels differ slightly"),
     ("--foreground-threshold", float, "foreground probability threshold"),
     ("--marker-threshold", float, "centre probability threshold of the watershed markers"),
+    ("--engine", str, "what runs the network: torch, or onnx (onnxruntime, the model folder's model.onnx)"),
 ]
 
 
@@ -87,6 +88,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-seed", type=int, default=0, help="random seed for the choice of images")
     p.add_argument("--model", default="default", help="shipped model name or model folder")
     p.add_argument("--out", default="show.png", help="PNG file to write")
+
+    p = sub.add_parser("export", help="export a model for another runtime", formatter_class=formatter)
+    p.add_argument("model", help="shipped model name or model folder")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    p.add_argument("--out", required=True, help="file to write (model.onnx in a model folder: --engine onnx)")
 
     p = sub.add_parser("seed", help="run the classic 128x128 U-Net recipe end to end", formatter_class=formatter)
     p.add_argument("--train", default=DEFAULT_TRAIN, help="training folder (competition layout)")
@@ -272,8 +278,17 @@ def _seed(args) -> int:
     return 0
 
 
-COMMANDS = {"segment": _segment, "train": _train, "tune": _tune, "evaluate": _evaluate, "show": _show,
-            "seed": _seed}
+def _export(args) -> int:
+    from nucleiseg.export import export_onnx
+    from nucleiseg.model import load_model
+
+    export_onnx(load_model(args.model), args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"export": _export, "segment": _segment, "train": _train, "tune": _tune, "evaluate": _evaluate,
+            "show": _show, "seed": _seed}
 
 
 def main(argv: list[str] | None = None) -> int:
