@@ -23,6 +23,7 @@ INFERENCE_OPTIONS = [
     ("--bf16", bool, "run the network in bfloat16: faster on CPUs with AVX512-BF16/AMX, labels differ slightly"),
     ("--foreground-threshold", float, "foreground probability threshold"),
     ("--marker-threshold", float, "centre probability threshold of the watershed markers"),
+    ("--engine", str, "what runs the network: torch, or onnx (onnxruntime, the model folder's model.onnx)"),
 ]
 
 
@@ -46,6 +47,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
                    help=f"comma-separated outputs per image, among {', '.join(WRITERS)}")
     p.add_argument("--format", choices=LABEL_FORMATS, default=OutputOptions.label_format, help="label image format")
+    p.add_argument("--pixel-size", type=float, default=None, metavar="MICRONS",
+                   help="micrometres per pixel of every image (default: from the TIFF/OME-TIFF metadata, where "
+                        "they have it); gives the CSV's µm columns and the OME-TIFF's physical size")
     p.add_argument("--overwrite", action="store_true", help="redo images that an earlier run finished")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
     # inference settings: unset ones come from the model folder (inference.json), else these defaults
@@ -85,6 +89,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="shipped model name or model folder")
     p.add_argument("--out", default="show.png", help="PNG file to write")
 
+    p = sub.add_parser("export", help="export a model for another runtime", formatter_class=formatter)
+    p.add_argument("model", help="shipped model name or model folder")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    p.add_argument("--out", required=True, help="file to write (model.onnx in a model folder: --engine onnx)")
+
     p = sub.add_parser("seed", help="run the classic 128x128 U-Net recipe end to end", formatter_class=formatter)
     p.add_argument("--train", default=DEFAULT_TRAIN, help="training folder (competition layout)")
     p.add_argument("--test", default=DEFAULT_TEST, help="test folder (competition layout)")
@@ -119,8 +128,8 @@ def _segment(args) -> int:
         return 1
     outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
     segmenter = Segmenter(args.model, **inference_settings(args))
-    result = segment_batch(paths, args.out, segmenter, args.diameter, outputs, OutputOptions(args.format),
-                           args.overwrite)
+    options = OutputOptions(args.format, args.pixel_size)
+    result = segment_batch(paths, args.out, segmenter, args.diameter, outputs, options, args.overwrite)
     total = sum(row["nuclei"] for row in result.done)
     print(f"{len(result.done)} images segmented ({result.skipped} already done), {len(result.failed)} failed, "
           f"{total} nuclei; results in {args.out}")
@@ -269,8 +278,17 @@ def _seed(args) -> int:
     return 0
 
 
-COMMANDS = {"segment": _segment, "train": _train, "tune": _tune, "evaluate": _evaluate, "show": _show,
-            "seed": _seed}
+def _export(args) -> int:
+    from nucleiseg.export import export_onnx
+    from nucleiseg.model import load_model
+
+    export_onnx(load_model(args.model), args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"export": _export, "segment": _segment, "train": _train, "tune": _tune, "evaluate": _evaluate,
+            "show": _show, "seed": _seed}
 
 
 def main(argv: list[str] | None = None) -> int:

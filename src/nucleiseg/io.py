@@ -383,3 +383,24 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
     if path.suffix.lower() in (".tif", ".tiff"):
         return tifffile.imread(path).astype(np.int32)
     return np.asarray(Image.open(path)).astype(np.int32)
+
+
+def write_ome_labels(path: str | os.PathLike, labels: np.ndarray,
+                     pixel_size: tuple[float, float] | None = None) -> None:
+    """Write a label image as OME-TIFF (16-bit, 32-bit above 65535 labels), atomically.
+
+    ``pixel_size`` ((y, x) micrometres per pixel) goes into the OME-XML ``PhysicalSizeX/Y`` (read by
+    Bio-Formats, QuPath, napari) and the TIFF resolution tags (read by plain ImageJ); ``read_metadata``
+    reads it back.
+    """
+    dtype = np.uint16 if labels.max(initial=0) < 65536 else np.uint32
+    metadata: dict = {"axes": "YX"}
+    resolution = None
+    if pixel_size is not None:
+        metadata |= {"PhysicalSizeY": pixel_size[0], "PhysicalSizeYUnit": "µm",
+                     "PhysicalSizeX": pixel_size[1], "PhysicalSizeXUnit": "µm"}
+        resolution = (MICROMETRES[3] / pixel_size[1], MICROMETRES[3] / pixel_size[0])  # pixels per centimetre
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, labels.astype(dtype), ome=True, photometric="minisblack", compression="zlib",
+                         metadata=metadata, resolution=resolution,
+                         resolutionunit="CENTIMETER" if resolution else None)

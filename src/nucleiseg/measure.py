@@ -39,18 +39,35 @@ def measurement_channels(image: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]
     return channels, CHANNEL_NAMES[1 if channels.ndim == 2 else 3]
 
 
-def measure_nuclei(labels: np.ndarray, image: np.ndarray) -> dict[str, np.ndarray]:
+def measure_nuclei(labels: np.ndarray, image: np.ndarray,
+                   pixel_size: tuple[float, float] | None = None) -> dict[str, np.ndarray]:
     """Measure every nucleus of (H, W) ``labels`` on the (H, W[, C]) ``image`` as read.
 
-    Returns columns named as in COLUMNS, then intensities named by channel (``mean_intensity_gray``, or
-    ``mean_intensity_red`` ... ``max_intensity_blue`` for a colour image); bounding boxes are half-open
-    [min, max).
+    Parameters
+    ----------
+    labels : (H, W) ndarray of int
+        0 = background.
+    image : (H, W) or (H, W, C) ndarray
+        The image as read.
+    pixel_size : (float, float), optional
+        (y, x) micrometres per pixel; when given, ``area_um2`` and ``equivalent_diameter_um`` follow the
+        pixel columns.
+
+    Returns
+    -------
+    dict of str to ndarray
+        Columns named as in COLUMNS (in pixels), then the micrometre columns, then intensities named by
+        channel (``mean_intensity_gray``, or ``mean_intensity_red`` ... ``max_intensity_blue`` for a colour
+        image); bounding boxes are half-open [min, max).
     """
     if labels.shape != image.shape[:2]:
         raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
     intensity, names = measurement_channels(image)
     table = regionprops_table(labels, intensity_image=intensity, properties=PROPERTIES)
     columns = {name: np.asarray(table[key]) for name, key in COLUMNS.items()}
+    if pixel_size is not None:
+        columns["area_um2"] = columns["area"] * (pixel_size[0] * pixel_size[1])
+        columns["equivalent_diameter_um"] = np.sqrt(4 * columns["area_um2"] / np.pi)
     for name, key in INTENSITIES.items():
         for i, channel in enumerate(names):
             columns[f"{name}_{channel}"] = np.asarray(table[key if len(names) == 1 else f"{key}-{i}"])

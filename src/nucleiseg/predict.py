@@ -65,8 +65,47 @@ def torch_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
     return TorchPredictor(model.network, model.size_multiple, model.out_channels, config.bf16)
 
 
+class OnnxPredictor:
+    """Predictor for an ONNX export of the network (``export.export_onnx``), run by onnxruntime on the CPU.
+
+    Parameters
+    ----------
+    path : path
+        The .onnx file: input ``input`` (B, C, h, w), output ``logits`` (B, K, h, w).
+    size_multiple, out_channels : int
+        From the model bundle, as for ``TorchPredictor``.
+    """
+
+    def __init__(self, path, size_multiple: int, out_channels: int):
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise ValueError('the onnx engine needs onnxruntime: pip install "nucleiseg[onnx]"') from exc
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # as many threads as --threads gives torch
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.size_multiple, self.out_channels = size_multiple, out_channels
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        (logits,) = self.session.run(["logits"], {"input": np.ascontiguousarray(batch, np.float32)})
+        return 1 / (1 + np.exp(-logits))
+
+
+def onnx_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
+    from nucleiseg.export import ONNX_FILE
+
+    path = model.folder / ONNX_FILE if model.folder is not None else None
+    if path is None or not path.is_file():
+        raise ValueError(f"the onnx engine runs {ONNX_FILE} of the model folder, and {path} does not exist; make it "
+                         f"with: nucleiseg export MODEL --format onnx --out MODEL_FOLDER/{ONNX_FILE}")
+    if config.bf16:
+        raise ValueError("--bf16 is for the torch engine; the onnx engine runs in float32")
+    return OnnxPredictor(path, model.size_multiple, model.out_channels)
+
+
 # InferenceConfig.engine -> function (model bundle, settings) -> Predictor
-PREDICTORS: dict[str, Callable[[ModelBundle, InferenceConfig], Predictor]] = {"torch": torch_predictor}
+PREDICTORS: dict[str, Callable[[ModelBundle, InferenceConfig], Predictor]] = {"torch": torch_predictor,
+                                                                              "onnx": onnx_predictor}
 
 
 def make_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:

@@ -1,0 +1,51 @@
+"""ONNX export and the onnx engine: the exported network gives the torch network's probabilities, and
+segmenting through onnxruntime gives the same labels."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nucleiseg.io import read_image
+from nucleiseg.model import load_model
+from nucleiseg.predict import make_predictor
+from nucleiseg.segment import Segmenter
+
+SAMPLES = Path(__file__).resolve().parents[1] / "src" / "nucleiseg" / "samples"
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory, tiny_model) -> Path:
+    """A copy of the tiny model folder with its ONNX export, made with the CLI."""
+    folder = tmp_path_factory.mktemp("onnx") / "model"
+    shutil.copytree(tiny_model, folder)
+    done = subprocess.run([sys.executable, "-m", "nucleiseg.cli", "export", str(folder), "--format", "onnx",
+                           "--out", str(folder / "model.onnx")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return folder
+
+
+def test_onnx_probabilities_match_torch_at_any_size(onnx_model):
+    bundle = load_model(onnx_model)
+    onnx = make_predictor(bundle, bundle.inference.updated(engine="onnx"))
+    torch_ = make_predictor(bundle, bundle.inference)
+    batch = np.random.default_rng(0).standard_normal((2, 1, 48, 80)).astype(np.float32)  # not the export's size
+    assert np.abs(onnx(batch) - torch_(batch)).max() < 1e-4
+
+
+def test_onnx_engine_segments_like_torch(onnx_model):
+    image = read_image(SAMPLES / "fluorescence_sparse.png")
+    expected = Segmenter(onnx_model).segment(image).labels
+    labels = Segmenter(onnx_model, engine="onnx").segment(image).labels
+    assert expected.max() > 0 and np.array_equal(labels, expected)
+
+
+def test_onnx_engine_without_an_export_is_one_error_line(tmp_path, tiny_model):
+    done = subprocess.run([sys.executable, "-m", "nucleiseg.cli", "segment", str(SAMPLES / "fluorescence_sparse.png"),
+                           "--out", str(tmp_path), "--model", str(tiny_model), "--engine", "onnx"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "nucleiseg export" in done.stderr
