@@ -80,11 +80,15 @@ def release_freed_memory() -> None:
 
 
 def output_names(paths: list[Path]) -> list[str]:
-    """A distinct output name per input: the file stem, prefixed with as many parent folder names as it takes
-    to tell apart stems that repeat (``d1/sub/x.png`` -> ``d1_sub_x``), numbered where even that does not."""
-    parents = [Path(os.path.abspath(p)).parent.parts[::-1] for p in paths]  # nearest folder first
+    """A distinct output name per input: the file stem (with its extension where a folder holds ``x.gif`` and
+    ``x.png``), prefixed with as many parent folder names as it takes to tell apart stems that repeat
+    (``d1/sub/x.png`` -> ``d1_sub_x``), numbered where even that does not."""
+    paths = [Path(os.path.abspath(p)) for p in paths]
+    in_folder = Counter((p.parent, p.stem) for p in paths)
+    bases = [p.stem if in_folder[p.parent, p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in paths]
+    parents = [p.parent.parts[:0:-1] for p in paths]  # nearest folder first, without the root
     depth = [0] * len(paths)
-    names = [p.stem for p in paths]
+    names = list(bases)
     while True:
         counts = Counter(names)
         clashing = [i for i, n in enumerate(names) if counts[n] > 1 and depth[i] < len(parents[i])]
@@ -92,7 +96,7 @@ def output_names(paths: list[Path]) -> list[str]:
             break
         for i in clashing:
             depth[i] += 1
-            names[i] = "_".join([*reversed(parents[i][: depth[i]]), paths[i].stem]).lstrip(os.sep + "_")
+            names[i] = "_".join([*reversed(parents[i][: depth[i]]), bases[i]])
     taken: set[str] = set()
     for i, name in enumerate(names):
         number = 1
