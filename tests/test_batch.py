@@ -457,11 +457,11 @@ def test_a_failed_redo_leaves_no_stale_record(tmp_path, segmenter, monkeypatch):
     with monkeypatch.context() as patch:  # labels written, then the overlay hits a full disk
         patch.setitem(outputs.WRITERS, "overlay", disk_full)
         failed = segment_batch(GOOD[:1], out, segmenter, progress=False)
+    assert not (out / f"{GOOD[0].stem}.done.json").exists(), "the first run's record survived the failed redo"
     assert failed.failed == [(str(GOOD[0]), f"{GOOD[0]}: its outputs could not be written to {out} "
                                             "(No space left on device)")]
-    assert not (out / f"{GOOD[0].stem}.done.json").exists()
     redo = segment_batch(GOOD[:1], out, segmenter, diameter=15, progress=False)
-    assert redo.skipped == 0 and len(redo.done) == 1, "the record of the first run survived the failed redo"
+    assert redo.skipped == 0 and len(redo.done) == 1
     labels = np.asarray(Image.open(out / f"{GOOD[0].stem}_labels.png"))
     summary = read_csv(out / "summary.csv")
     assert len(summary) == 1 and int(summary[0]["nuclei"]) == labels.max() == redo.done[0]["nuclei"]
