@@ -165,7 +165,7 @@ def _read_tiff(path: Path, max_megapixels: float, channel: int | None) -> np.nda
         elif channel is not None:
             _choose(path, f"has one channel ({described})", 1, channel)
         _too_large(path, shape[axes.index("Y")], shape[axes.index("X")], max_megapixels)
-        pixels = np.asarray(zarr.open(tif.aszarr(), mode="r")[tuple(index)])
+        pixels = np.asarray(zarr.open(tif.aszarr(level=0), mode="r")[tuple(index)])  # level 0: full resolution
         if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
             pixels = tifffile.apply_colormap(pixels, page.colormap, contig=True)
         elif page.photometric == tifffile.PHOTOMETRIC.MINISWHITE and pixels.dtype.kind in "ui":
