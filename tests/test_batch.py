@@ -7,10 +7,12 @@ shipped model so that every run takes seconds.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -67,7 +69,9 @@ def bad_corpus(folder: Path) -> list[Path]:
     folder.mkdir()
     real = GOOD[0].read_bytes()
     names = ("empty.png", "truncated.png", "text.png", "stack5d.tif", "nan_inf.tif", "zeros16.png",
-             "one_pixel.png", "white.png", "alpha_only.png", "dir.png", "does_not_exist.png")
+             "one_pixel.png", "white.png", "alpha_only.png", "dir.png", "does_not_exist.png",
+             "channels_first.tif", "channels_last.tif", "zstack.tif", "ome_channels.ome.tif", "animated.gif",
+             "loop.png")
     bad = {name: folder / name for name in names}
     bad["empty.png"].write_bytes(b"")
     bad["truncated.png"].write_bytes(real[: len(real) // 2])
@@ -84,6 +88,16 @@ def bad_corpus(folder: Path) -> list[Path]:
     alpha[..., 3] = np.arange(64, dtype=np.uint8)[None] * 4
     Image.fromarray(alpha).save(bad["alpha_only.png"])
     bad["dir.png"].mkdir()
+    # several planes that are not the colours of one image: which one holds the nuclei is the user's choice
+    nuclei = read_image(GOOD[0])[..., 0]
+    planes = np.stack([np.zeros_like(nuclei), nuclei, nuclei // 2])
+    tifffile.imwrite(bad["channels_first.tif"], planes[:2])
+    tifffile.imwrite(bad["channels_last.tif"], np.moveaxis(planes, 0, -1), photometric="minisblack")
+    tifffile.imwrite(bad["zstack.tif"], planes, imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(bad["ome_channels.ome.tif"], planes, ome=True, metadata={"axes": "CYX"})
+    frames = [Image.fromarray(plane) for plane in planes]
+    frames[0].save(bad["animated.gif"], save_all=True, append_images=frames[1:])
+    bad["loop.png"].symlink_to("loop.png")
     return list(bad.values())
 
 
@@ -330,7 +344,7 @@ def test_outputs_are_chosen_by_name_and_show_the_image_as_read(tmp_path, tiny_mo
     rgb = GOOD[1]  # a colour (histology) image
     result = run(segment_cmd([rgb], tmp_path / "out", tiny_model) + ["--outputs", "overlay,csv"], cli_env(tmp_path))
     assert result.returncode == 0, result.stderr
-    made = sorted(p.name for p in (tmp_path / "out").iterdir())
+    made = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))  # not the lock
     assert made == sorted([f"{rgb.stem}_overlay.png", f"{rgb.stem}_nuclei.csv", f"{rgb.stem}.done.json",
                            "summary.csv"])
     segmentation = Segmenter(tiny_model).segment_file(rgb, 17)
@@ -362,3 +376,208 @@ def test_gray_images_have_gray_intensity_columns_and_tiff_pixel_size(tmp_path, t
 
     assert read_metadata(ome).pixel_size == pytest.approx((0.65, 0.65))
     assert read_metadata(GOOD[0]).pixel_size is None
+
+
+# --- hostile inputs, second round (issue 15) ---------------------------------------------------------------
+
+
+def test_channel_picks_the_nuclear_channel_of_a_multichannel_tiff(tmp_path, tiny_model):
+    bad_corpus(tmp_path / "corpus")
+    path = tmp_path / "corpus" / "channels_first.tif"  # channel 0 empty, channel 1 the real image
+    result = run(segment_cmd([path], tmp_path / "out", tiny_model) + ["--channel", "1"], cli_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    expected = Segmenter(tiny_model).segment(read_image(GOOD[0])[..., 0], 17).labels
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "channels_first_labels.png")), expected)
+    wrong = run(segment_cmd([path], tmp_path / "out2", tiny_model) + ["--channel", "2"], cli_env(tmp_path))
+    assert wrong.returncode == 1
+    assert error_messages(wrong.stderr) == [f"{path}: has 2 planes along axis Q (axes QYX, shape (2, 256, 256)); "
+                                            "there is no channel 2 (available: 0-1)"]
+
+
+def test_folder_with_competition_layout_loose_images_animations_and_link_loops(tmp_path, tiny_model):
+    folder = tmp_path / "mixed"
+    shutil.copytree(GOOD[0].parents[1], folder / GOOD[0].parents[1].name)  # <id>/images/<id>.png (+ masks)
+    shutil.copy(GOOD[1], folder / "loose.png")
+    Image.open(GOOD[2]).save(folder / "still.gif")
+    Image.open(GOOD[2]).convert("RGB").save(folder / "still.webp", lossless=True)
+    frames = [Image.open(p).convert("RGB").resize((64, 64)) for p in GOOD[:2]]
+    frames[0].save(folder / "animated.webp", save_all=True, append_images=frames[1:])
+    (folder / "loop.png").symlink_to("loop.png")
+    (folder / "here").symlink_to(".")  # a folder link loop
+    result = run(segment_cmd([folder], tmp_path / "out", tiny_model), cli_env(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = error_messages(result.stderr)
+    assert sorted(errors) == [f"{folder / 'animated.webp'}: has 2 frames; which one holds the nuclei is not known: "
+                              "pick it with --channel N (available: 0-1)",
+                              f"{folder / 'loop.png'}: is a broken symbolic link or a symbolic link loop"]
+    summary = read_csv(tmp_path / "out" / "summary.csv")
+    assert sorted(row["image"] for row in summary) == sorted([GOOD[0].stem, "loose", "still_gif", "still_webp"])
+    assert {row["path"] for row in summary} == {str(folder / "loose.png"), str(folder / "still.gif"),
+                                                str(folder / "still.webp"), str(folder / GOOD[0].relative_to(
+                                                    GOOD[0].parents[2]))}
+
+
+def test_inputs_of_one_name_never_overwrite_each_other(tmp_path, segmenter):
+    paths = [tmp_path / "d1" / "sub" / "x.png", tmp_path / "d2" / "sub" / "x.png", tmp_path / "sub_x_0.png"]
+    for source, path in zip(GOOD, paths, strict=False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, path)
+    out = tmp_path / "out"
+    result = segment_batch(paths, out, segmenter, diameter=17, progress=False)
+    names = [row["image"] for row in result.done]
+    assert names == ["d1_sub_x", "d2_sub_x", "sub_x_0"] and not result.failed
+    for path, name in zip(paths, names, strict=True):
+        record = json.loads((out / f"{name}.done.json").read_text())
+        assert record["path"] == str(path) and record["summary"]["path"] == str(path)
+        labels = np.asarray(Image.open(out / f"{name}_labels.png"))
+        assert labels.max() == record["summary"]["nuclei"] == len(read_csv(out / f"{name}_nuclei.csv"))
+    # across runs: another x.png into the same folder is refused, the first one's outputs are kept
+    first = segment_batch([paths[0]], tmp_path / "out2", segmenter, diameter=17, progress=False)
+    kept = (tmp_path / "out2" / "x_labels.png").read_bytes()
+    other = segment_batch([paths[1]], tmp_path / "out2", segmenter, diameter=17, progress=False)
+    assert not other.done and other.failed[0][1] == (
+        f"{paths[1]}: its output name 'x' in {tmp_path / 'out2'} holds the results of {paths[0]}; use another "
+        "--out, or --overwrite to replace them")
+    assert (tmp_path / "out2" / "x_labels.png").read_bytes() == kept
+    assert [row["path"] for row in read_csv(tmp_path / "out2" / "summary.csv")] == [str(paths[0])]
+    assert len(first.done) == 1
+
+
+def test_a_failed_redo_leaves_no_stale_record(tmp_path, segmenter, monkeypatch):
+    import errno
+
+    from nucleiseg import outputs
+
+    out = tmp_path / "out"
+    assert len(segment_batch(GOOD[:1], out, segmenter, diameter=15, progress=False).done) == 1
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:  # labels written, then the overlay hits a full disk
+        patch.setitem(outputs.WRITERS, "overlay", disk_full)
+        failed = segment_batch(GOOD[:1], out, segmenter, progress=False)
+    assert not (out / f"{GOOD[0].stem}.done.json").exists(), "the first run's record survived the failed redo"
+    assert failed.failed == [(str(GOOD[0]), f"{GOOD[0]}: its outputs could not be written to {out} "
+                                            "(No space left on device)")]
+    redo = segment_batch(GOOD[:1], out, segmenter, diameter=15, progress=False)
+    assert redo.skipped == 0 and len(redo.done) == 1
+    labels = np.asarray(Image.open(out / f"{GOOD[0].stem}_labels.png"))
+    summary = read_csv(out / "summary.csv")
+    assert len(summary) == 1 and int(summary[0]["nuclei"]) == labels.max() == redo.done[0]["nuclei"]
+    assert len(read_csv(out / f"{GOOD[0].stem}_nuclei.csv")) == labels.max()
+
+
+def test_summary_describes_the_folder_and_a_full_disk_at_the_end_is_reported(tmp_path, segmenter, monkeypatch):
+    import errno
+
+    from nucleiseg import batch
+
+    out = tmp_path / "out"
+    segment_batch(GOOD[:1], out, segmenter, diameter=17, progress=False)
+    segment_batch(GOOD[1:2], out, segmenter, diameter=20, progress=False)
+    rows = read_csv(out / "summary.csv")
+    assert [(row["path"], row["diameter"]) for row in rows] == [(str(GOOD[0]), "17"), (str(GOOD[1]), "20")]
+
+    def disk_full(path, table):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(batch, "write_table", disk_full)
+    result = segment_batch(GOOD[2:3], out, segmenter, diameter=17, progress=False)
+    assert len(result.done) == 1 and result.unwritten == [
+        f"{out / 'summary.csv'}: could not be written (No space left on device)"]
+
+
+def test_output_folder_is_locked_while_a_run_writes_to_it(tmp_path, tiny_model):
+    from nucleiseg.batch import LOCK_NAME, lock_folder
+
+    out = tmp_path / "out"
+    with lock_folder(out):
+        result = run(segment_cmd(GOOD[:1], out, tiny_model), cli_env(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert error_messages(result.stderr) == [
+        f"{out / LOCK_NAME}: another nucleiseg run (pid {os.getpid()} on {socket.gethostname()}) is writing to this "
+        "folder; wait for it to finish or choose another --out"]
+    assert not list(out.glob("*.done.json"))
+    again = run(segment_cmd(GOOD[:1], out, tiny_model), cli_env(tmp_path))  # released: the next run goes ahead
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.skipif(AS_ROOT and not shutil.which("setpriv"), reason="root without setpriv writes anywhere")
+def test_read_only_output_folder_fails_before_any_work(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        result = run(WITHOUT_OVERRIDE + segment_cmd(GOOD[:2], out, tiny_model), cli_env(tmp_path))
+    finally:
+        out.chmod(0o755)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert error_messages(result.stderr) == [f"{out}: the output folder is not writable (Permission denied)"]
+    assert "segmenting" not in result.stderr and not list(out.iterdir())
+
+
+def test_output_folder_holding_the_inputs_is_refused(tmp_path, tiny_model):
+    shutil.copy(GOOD[0], tmp_path / "x.png")
+    for given in (tmp_path, tmp_path / "x.png"):
+        result = run(segment_cmd([given], tmp_path, tiny_model), cli_env(tmp_path))
+        assert result.returncode == 2, result.stderr
+        assert error_messages(result.stderr) == [
+            f"--out {tmp_path} holds the input {given}: the outputs would mix with the images (and be taken for "
+            "images on the next run); choose another output folder"]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--diameter", "0", "argument --diameter: 0 is out of range: must be more than 0"),
+    ("--diameter", "-5", "argument --diameter: -5 is out of range: must be more than 0"),
+    ("--diameter", "nan", "argument --diameter: nan is out of range: must be more than 0"),
+    ("--diameter", "inf", "argument --diameter: inf is out of range: must be more than 0"),
+    ("--threads", "-1", "argument --threads: -1 is out of range: must be at least 0"),
+    ("--channel", "-1", "argument --channel: -1 is out of range: must be at least 0"),
+    ("--overlap", "-8", "argument --overlap: -8 is out of range: must be at least 0"),
+    ("--max-megapixels", "0", "argument --max-megapixels: 0 is out of range: must be more than 0"),
+    ("--marker-threshold", "1.5", "argument --marker-threshold: 1.5 is out of range: must be at least 0 and at "
+                                  "most 1"),
+])
+def test_absurd_options_stop_before_any_work(tmp_path, tiny_model, capsys, option, value, message):
+    from nucleiseg.cli import main
+
+    argv = ["segment", str(GOOD[0]), "--out", str(tmp_path / "out"), "--model", str(tiny_model), option, value]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_diameter_the_model_cannot_segment_stops_before_any_work(tmp_path, tiny_model, caplog):
+    from nucleiseg.cli import main
+
+    argv = ["segment", str(GOOD[0]), "--out", str(tmp_path / "out"), "--model", str(tiny_model), "--diameter", "1e6"]
+    assert main(argv) == 2
+    assert [r.message for r in caplog.records] == [
+        "diameter 1e+06 px is outside what this model segments (2.7-218 px: nuclei of 17 px rescaled by "
+        "0.125-4x)"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "wrong_shape"])
+def test_damaged_weights_are_one_error_line(tmp_path, tiny_model, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    weights = folder / "weights.pt"
+    if damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        state = torch.load(weights, weights_only=True)
+        name = next(iter(state))
+        state[name] = torch.zeros(3, *state[name].shape[1:])
+        torch.save(state, weights)
+    result = run(segment_cmd(GOOD[:1], tmp_path / "out", folder), cli_env(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = error_messages(result.stderr)
+    assert len(errors) == 1 and errors[0].startswith(f"{weights}: "), errors
+    expected = "does not match the network of model.json (size mismatch for" if damage == "wrong_shape" else \
+        "not a readable weights file ("
+    assert expected in errors[0]

@@ -124,3 +124,81 @@ def test_find_images(train_root, tmp_path):
     assert find_images([tmp_path]) == [tmp_path / "x.png"]
     found = find_images([train_root])
     assert len(found) == 664 and all(p.parent.name == "images" for p in found)
+
+
+# --- hostile inputs (issue 15): each file is read as its own description says, or refused with one line -----
+
+
+def test_multichannel_tiffs_need_a_channel_and_it_picks_the_plane(tmp_path, validation_samples):
+    nuclei = validation_samples[0].image[..., 0]  # a real fluorescence image
+    planes = np.stack([np.zeros_like(nuclei), nuclei])  # the first channel empty: once refused as "alpha only"
+    files = {
+        "first.tif": (planes, {}),  # channel-first, no axes: tifffile's shaped series QYX
+        "last.tif": (np.moveaxis(planes, 0, -1), {"photometric": "minisblack"}),  # channel-last, no colour
+        "ome.tif": (planes, {"ome": True, "metadata": {"axes": "CYX", "Channel": {"Name": ["actin", "DAPI"]}}}),
+        "zstack.tif": (np.stack([nuclei] * 3), {"imagej": True, "metadata": {"axes": "ZYX"}}),
+    }
+    for name, (data, kwargs) in files.items():
+        tifffile.imwrite(tmp_path / name, data, **kwargs)
+        with pytest.raises(ImageReadError, match=rf"{name}: has \d planes along axis [QCZ] \(axes [QCZYX]+, "
+                                                 r"shape .*pick it with --channel N"):
+            read_image(tmp_path / name)
+    with pytest.raises(ImageReadError, match=r"available: 0 actin, 1 DAPI"):
+        read_image(tmp_path / "ome.tif")
+    for name in ("first.tif", "last.tif", "ome.tif"):
+        np.testing.assert_array_equal(read_image(tmp_path / name, channel=1), nuclei)
+    with pytest.raises(ImageReadError, match=r"ome.tif: .*there is no channel 2 \(available: 0 actin, 1 DAPI\)"):
+        read_image(tmp_path / "ome.tif", channel=2)
+    # colour stays colour; --channel picks one colour of it
+    rgb = validation_samples[1].image
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb)
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb.tif"), rgb)
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb.tif", channel=2), rgb[..., 2])
+    # a 2-D stack of several planes of two kinds cannot be told apart
+    tifffile.imwrite(tmp_path / "tc.tif", np.stack([planes] * 2), imagej=True, metadata={"axes": "TCYX"})
+    with pytest.raises(ImageReadError, match=r"tc.tif: is a stack of 2 T x 2 C planes \(axes TCYX"):
+        read_image(tmp_path / "tc.tif", channel=1)
+
+
+def test_many_page_tiff_is_refused_from_its_header(tmp_path):
+    import tracemalloc
+
+    page = np.zeros((1024, 1024), np.uint8)
+    path = tmp_path / "pages500.tif"  # 0.6 MB on disk, 0.5 GB decoded
+    tifffile.imwrite(path, (page for _ in range(500)), shape=(500, *page.shape), dtype=page.dtype,
+                     compression="zlib")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageReadError, match=r"pages500.tif: has 500 planes .*available: 0-499"):
+            read_image(path)
+        assert read_image(path, channel=3, max_megapixels=2).shape == page.shape  # only the page asked for
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6, f"{peak / 1e6:.0f} MB allocated"
+
+
+def test_cmyk_jpeg_and_animations(tmp_path, validation_samples):
+    rgb = validation_samples[1].image
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    read = read_image(tmp_path / "cmyk.jpg")
+    assert read.shape == rgb.shape and np.abs(read.astype(int) - rgb).mean() < 3  # not inverted, no 4th channel
+    for suffix in ("gif", "webp"):
+        path = tmp_path / f"animated.{suffix}"
+        Image.fromarray(rgb).save(path, save_all=True, append_images=[Image.fromarray(255 - rgb)])
+        with pytest.raises(ImageReadError, match=rf"animated.{suffix}: has 2 frames; .*--channel N"):
+            read_image(path)
+        assert np.abs(read_image(path, channel=1)[..., :3].astype(int) - (255 - rgb)).mean() < 40
+    assert find_images([tmp_path]) == [tmp_path / n for n in ("animated.gif", "animated.webp", "cmyk.jpg")]
+
+
+def test_find_images_takes_loose_images_beside_the_competition_layout_and_survives_link_loops(tmp_path):
+    (tmp_path / "a" / "images").mkdir(parents=True)
+    for path in (tmp_path / "a" / "images" / "a.png", tmp_path / "loose.png"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    (tmp_path / "here").symlink_to(".")
+    found = find_images([tmp_path, tmp_path / "loose.png"])  # a file given twice is one input
+    assert found == [tmp_path / "a" / "images" / "a.png", tmp_path / "loop.png", tmp_path / "loose.png"]
+    with pytest.raises(ImageReadError, match="loop.png: is a broken symbolic link or a symbolic link loop"):
+        read_image(tmp_path / "loop.png")

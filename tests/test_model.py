@@ -40,7 +40,7 @@ def test_loading_is_strict(tmp_path):
     info = json.loads((tmp_path / "model.json").read_text())
     info["model"]["base_channels"] = 8  # weights no longer fit the network
     (tmp_path / "model.json").write_text(json.dumps(info))
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(ValueError, match=r"weights.pt: does not match the network of model.json \(size mismatch"):
         load_model(tmp_path)
     info["model"]["base_channels"] = 4
     info["model"]["dropout"] = 0.1

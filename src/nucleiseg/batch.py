@@ -2,10 +2,12 @@
 
 For an image ``<name>`` the output folder gets the outputs asked for (``outputs.WRITERS``; by default
 ``<name>_labels.png``, ``<name>_overlay.png``, ``<name>_nuclei.csv``) and, written last,
-``<name>.done.json``. Every file is written atomically, and an image counts as done only when its record
-matches the input file's size and modification time and the hash of the run's settings (package version,
-model weights, every inference setting, diameter, outputs and their options) and its outputs still exist;
-a rerun of the same command skips it. ``summary.csv`` and ``failures.csv`` are rewritten at the end of
+``<name>.done.json``. Every file is written atomically. An image's record is removed before its outputs are
+rewritten and written after them, so an image counts as done only when its record matches the input file
+(path, size and modification time) and the hash of the run's settings (package version, model weights,
+every inference setting, diameter, channel, outputs and their options) and its outputs still exist; a rerun of
+the same command skips it. One run at a time writes to a folder (``.nucleiseg.lock``). ``summary.csv``
+(every image of the folder that has a record) and ``failures.csv`` (this run's) are rewritten at the end of
 every run.
 """
 
@@ -17,7 +19,11 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,13 +39,28 @@ from nucleiseg.segment import Segmentation, Segmenter
 log = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = ["image", "nuclei", "median_area", "diameter", "diameter_estimated", "scale", "path"]
+LOCK_NAME = ".nucleiseg.lock"
+RECORD_SUFFIX = ".done.json"
+
+
+class OutputFolderError(ValueError):
+    """The output folder cannot be used: not writable, or another run is writing to it."""
+
+
+class OutputNameTaken(ValueError):
+    """An earlier run wrote the outputs of another input file under this image's output name."""
+
+
+class OutputWriteError(OSError):
+    """An image's outputs could not be written (disk full, permissions); the message names the image."""
 
 
 @dataclass
 class BatchResult:
-    done: list[dict] = field(default_factory=list)  # summary rows, in input order
+    done: list[dict] = field(default_factory=list)  # summary rows of this run's inputs, in input order
     skipped: int = 0  # already done by an earlier run
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    unwritten: list[str] = field(default_factory=list)  # summary files that could not be written, with why
 
 
 @functools.cache
@@ -59,11 +80,59 @@ def release_freed_memory() -> None:
 
 
 def output_names(paths: list[Path]) -> list[str]:
-    """A distinct output name per input: the file stem, with the parent folder's name where stems repeat."""
-    stems = Counter(p.stem for p in paths)
-    names = [p.stem if stems[p.stem] == 1 else f"{p.parent.name}_{p.stem}" for p in paths]
-    repeats = Counter(names)
-    return [n if repeats[n] == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+    """A distinct output name per input: the file stem (with its extension where a folder holds ``x.gif`` and
+    ``x.png``), prefixed with as many parent folder names as it takes to tell apart stems that repeat
+    (``d1/sub/x.png`` -> ``d1_sub_x``), numbered where even that does not."""
+    paths = [Path(os.path.abspath(p)) for p in paths]
+    in_folder = Counter((p.parent, p.stem) for p in paths)
+    bases = [p.stem if in_folder[p.parent, p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in paths]
+    parents = [p.parent.parts[:0:-1] for p in paths]  # nearest folder first, without the root
+    depth = [0] * len(paths)
+    names = list(bases)
+    while True:
+        counts = Counter(names)
+        clashing = [i for i, n in enumerate(names) if counts[n] > 1 and depth[i] < len(parents[i])]
+        if not clashing:
+            break
+        for i in clashing:
+            depth[i] += 1
+            names[i] = "_".join([*reversed(parents[i][: depth[i]]), bases[i]])
+    taken: set[str] = set()
+    for i, name in enumerate(names):
+        number = 1
+        while names[i] in taken:
+            names[i], number = f"{name}_{number}", number + 1
+        taken.add(names[i])
+    return names
+
+
+@contextmanager
+def lock_folder(out_dir: Path) -> Iterator[None]:
+    """Hold the output folder for this run: check that it is writable, and refuse it while another run on
+    this machine holds it. The lock is the operating system's (``flock``), so a killed run leaves none."""
+    import fcntl
+
+    lock_path = out_dir / LOCK_NAME
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".nucleiseg.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise OutputFolderError(f"{out_dir}: the output folder is not writable ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "owner unknown"
+            raise OutputFolderError(f"{lock_path}: another nucleiseg run ({owner}) is writing to this folder; "
+                                    "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _input_stamp(path: Path) -> dict:
@@ -77,14 +146,37 @@ def settings_key(settings: dict) -> str:
 
 
 def _finished(record_path: Path, path: Path, key: str) -> dict | None:
-    """The summary row of an earlier run, if it finished this very input file with the same settings."""
+    """The summary row of an earlier run, if it finished this very input file with the same settings.
+
+    Raises OutputNameTaken where the record is of another input file that still exists."""
     try:
         record = json.loads(record_path.read_text())
+        recorded = record["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if recorded != os.path.realpath(path) and os.path.exists(recorded):
+        raise OutputNameTaken(f"{path}: its output name {record_path.name.removesuffix(RECORD_SUFFIX)!r} in "
+                              f"{record_path.parent} holds the results of {recorded}; use another --out, or "
+                              "--overwrite to replace them")
+    try:
         same = record["input"] == _input_stamp(path) and record["key"] == key
         complete = all((record_path.parent / name).exists() for name in record["outputs"])
         return record["summary"] if same and complete else None
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def folder_summary(out_dir: Path) -> list[dict]:
+    """The summary rows of every image of ``out_dir`` that has a record and all its outputs, by name."""
+    rows = []
+    for record_path in sorted(out_dir.glob(f"*{RECORD_SUFFIX}")):
+        try:
+            record = json.loads(record_path.read_text())
+            if all((out_dir / name).exists() for name in record["outputs"]):
+                rows.append(record["summary"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a record of ours: it describes no output
+    return rows
 
 
 def summary_row(name: str, path: Path, result: Segmentation) -> dict:
@@ -111,6 +203,7 @@ def segment_batch(
     options: OutputOptions | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    channel: int | None = None,
 ) -> BatchResult:
     """Segment every path of ``inputs`` into ``out_dir``; a bad file is logged and listed, never fatal.
 
@@ -129,38 +222,52 @@ def segment_batch(
     options : OutputOptions, optional
         Label image format and other writer choices.
     overwrite : bool
-        Redo images an earlier run finished.
+        Redo images an earlier run finished, and replace the outputs of other input files of the same name.
     progress : bool
         Show a progress bar.
+    channel : int, optional
+        The nuclear channel of multi-channel images (``io.read_image``).
+
+    Raises
+    ------
+    OutputFolderError
+        Before any image, where ``out_dir`` is not writable or another run is writing to it.
     """
     outputs, options = check_outputs(outputs), options or OutputOptions()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if diameter is not None:
+        segmenter.check_diameter(diameter)
     result = BatchResult()
     names = output_names(inputs)
-    settings = segmenter.settings() | {"diameter": diameter, "outputs": list(outputs), "options": asdict(options)}
+    settings = segmenter.settings() | {"diameter": diameter, "channel": channel, "outputs": list(outputs),
+                                       "options": asdict(options)}
     key = settings_key(settings)
-    with logging_redirect_tqdm():  # error lines are printed whole, not mixed into the progress bar
+    with lock_folder(out_dir), logging_redirect_tqdm():  # error lines are printed whole, not mixed into the bar
         for path, name in tqdm(list(zip(inputs, names, strict=True)), desc="segmenting", unit="img",
                                disable=not progress):
-            record_path = out_dir / f"{name}.done.json"
+            record_path = out_dir / f"{name}{RECORD_SUFFIX}"
             try:
                 previous = None if overwrite else _finished(record_path, path, key)
                 if previous is not None:
                     result.done.append(previous)
                     result.skipped += 1
                     continue
-                segmentation = segmenter.segment_file(path, diameter)
-                written = write_outputs(segmentation, out_dir / name, outputs, options)
+                record_path.unlink(missing_ok=True)  # the outputs are rewritten: none counts as done until all are
+                segmentation = segmenter.segment_file(path, diameter, channel)
                 summary = summary_row(name, path, segmentation)
                 log.debug("%s: %s", path, ", ".join(f"{k} {v:.2f} s" for k, v in segmentation.timings.items()))
-                del segmentation  # the image and labels are not needed while the record is written
-                record = {"input": _input_stamp(path), "key": key, "settings": settings, "outputs": written,
-                          "summary": summary}
-                with atomic_path(record_path) as tmp:
-                    tmp.write_text(json.dumps(record))
+                try:
+                    written = write_outputs(segmentation, out_dir / name, outputs, options)
+                    del segmentation  # the image and labels are not needed while the record is written
+                    record = {"path": os.path.realpath(path), "input": _input_stamp(path), "key": key,
+                              "settings": settings, "outputs": written, "summary": summary}
+                    with atomic_path(record_path) as tmp:
+                        tmp.write_text(json.dumps(record))
+                except OSError as exc:
+                    raise OutputWriteError(f"{path}: its outputs could not be written to {out_dir} "
+                                         f"({exc.strerror or exc})") from None
                 result.done.append(summary)
-            except ImageReadError as exc:
+            except (ImageReadError, OutputNameTaken, OutputWriteError) as exc:
                 result.failed.append((str(path), str(exc)))
                 log.error("%s", exc)
             except Exception as exc:  # any failure of one image must leave the rest of the batch running
@@ -168,11 +275,17 @@ def segment_batch(
                 result.failed.append((str(path), message))
                 log.error("%s", message)
             release_freed_memory()  # after a segmented or failed image; skipped ones freed nothing
-    write_table(out_dir / "summary.csv", {k: [row[k] for row in result.done] for k in SUMMARY_FIELDS})
-    failures_path = out_dir / "failures.csv"
-    if result.failed:
-        write_table(failures_path, {"path": [p for p, _ in result.failed], "reason": [r for _, r in result.failed]})
-    else:
-        failures_path.unlink(missing_ok=True)
+        rows = folder_summary(out_dir)
+        failures = {"path": [p for p, _ in result.failed], "reason": [r for _, r in result.failed]}
+        tables = {"summary.csv": {k: [row.get(k) for row in rows] for k in SUMMARY_FIELDS},
+                  "failures.csv": failures if result.failed else None}
+        for file, table in tables.items():
+            try:
+                if table is None:
+                    (out_dir / file).unlink(missing_ok=True)
+                else:
+                    write_table(out_dir / file, table)
+            except OSError as exc:
+                result.unwritten.append(f"{out_dir / file}: could not be written ({exc.strerror or exc})")
+                log.error("%s", result.unwritten[-1])
     return result
-

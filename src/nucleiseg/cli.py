@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -14,15 +16,34 @@ DEFAULT_TRAIN = "../shared/data/dsb2018/stage1_train"
 DEFAULT_TEST = "../shared/data/dsb2018/stage1_test"
 
 
+def number(kind: type, low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite ``kind`` within [low, high] ((low, high] with ``low_open``), so that an absurd
+    option stops the command before any work with one line saying what is allowed."""
+    allowed = f"{'more than' if low_open else 'at least'} {low:g}"
+    allowed += f" and at most {high:g}" if high < math.inf else ""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {allowed}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 # segment options that set an InferenceConfig field (or a threshold) of the same name
 INFERENCE_OPTIONS = [
-    ("--tile", int, "tile size for large images (multiple of 16)"),
-    ("--overlap", int, "pixels shared by neighbouring tiles"),
-    ("--max-megapixels", float, "refuse larger images"),
+    ("--tile", number(int, 32), "tile size for large images (multiple of 16)"),
+    ("--overlap", number(int, 0), "pixels shared by neighbouring tiles"),
+    ("--max-megapixels", number(float, 0, low_open=True), "refuse larger images"),
     ("--tta", bool, "average over flips (4x slower, slightly better)"),
     ("--bf16", bool, "run the network in bfloat16: faster on CPUs with AVX512-BF16/AMX, labels differ slightly"),
-    ("--foreground-threshold", float, "foreground probability threshold"),
-    ("--marker-threshold", float, "centre probability threshold of the watershed markers"),
+    ("--foreground-threshold", number(float, 0, 1), "foreground probability threshold"),
+    ("--marker-threshold", number(float, 0, 1), "centre probability threshold of the watershed markers"),
     ("--engine", str, "what runs the network: torch, or onnx (onnxruntime, the model folder's model.onnx)"),
 ]
 
@@ -42,16 +63,20 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders of images, or competition-layout folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default="default", help="shipped model name or model folder")
-    p.add_argument("--diameter", type=float, default=None,
+    p.add_argument("--diameter", type=number(float, 0, low_open=True), default=None,
                    help="typical nucleus diameter in pixels (default: estimated per image)")
+    p.add_argument("--channel", type=number(int, 0), default=None,
+                   help="the nuclear channel (from 0) of multi-channel images, or the plane of a stack; "
+                        "required where a file holds several channels that are not the colours of one image "
+                        "(default: colour and gray images are used as they are)")
     p.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
                    help=f"comma-separated outputs per image, among {', '.join(WRITERS)}")
     p.add_argument("--format", choices=LABEL_FORMATS, default=OutputOptions.label_format, help="label image format")
-    p.add_argument("--pixel-size", type=float, default=None, metavar="MICRONS",
+    p.add_argument("--pixel-size", type=number(float, 0, low_open=True), default=None, metavar="MICRONS",
                    help="micrometres per pixel of every image (default: from the TIFF/OME-TIFF metadata, where "
                         "they have it); gives the CSV's µm columns and the OME-TIFF's physical size")
     p.add_argument("--overwrite", action="store_true", help="redo images that an earlier run finished")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    p.add_argument("--threads", type=number(int, 0), default=0, help="CPU threads (0 = all)")
     # inference settings: unset ones come from the model folder (inference.json), else these defaults
     g = p.add_argument_group("inference settings (default: the model folder's, else the value shown)")
     defaults = InferenceConfig()
@@ -121,21 +146,24 @@ def _segment(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out).resolve()
-    paths = [p for p in find_images(args.inputs) if p.resolve().parent != out]  # not our own outputs
-    if not paths:
-        log.error("no images found in %s", " ".join(args.inputs))
-        return 1
+    out = os.path.realpath(args.out)
+    for item in args.inputs:
+        folder = item if os.path.isdir(item) else os.path.dirname(item) or "."
+        if os.path.realpath(folder) == out:
+            raise ValueError(f"--out {args.out} holds the input {item}: the outputs would mix with the images "
+                             "(and be taken for images on the next run); choose another output folder")
+    paths = find_images(args.inputs)
     outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
     segmenter = Segmenter(args.model, **inference_settings(args))
     options = OutputOptions(args.format, args.pixel_size)
-    result = segment_batch(paths, args.out, segmenter, args.diameter, outputs, options, args.overwrite)
+    result = segment_batch(paths, args.out, segmenter, args.diameter, outputs, options, args.overwrite,
+                           channel=args.channel)
     total = sum(row["nuclei"] for row in result.done)
     print(f"{len(result.done)} images segmented ({result.skipped} already done), {len(result.failed)} failed, "
           f"{total} nuclei; results in {args.out}")
     if result.failed:
         print(f"failures listed in {Path(args.out) / 'failures.csv'}", file=sys.stderr)
-    return 1 if result.failed else 0
+    return 1 if result.failed or result.unwritten else 0
 
 
 def _parse_overrides(pairs: list[str]) -> dict:

@@ -26,7 +26,13 @@ from nucleiseg.config import MAX_MEGAPIXELS
 log = logging.getLogger(__name__)
 
 LUMINANCE = np.array([0.299, 0.587, 0.114], np.float32)  # RGB -> gray weights (ITU-R BT.601)
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# Pillow modes read as they are; P/PA become RGBA, CMYK/YCbCr/LAB/HSV become RGB (read raw they are inverted
+# or meaningless as red, green, blue)
+PILLOW_MODES = {"1", "L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F"}
+# TIFF photometric interpretations whose samples are colours, not channels to choose from
+COLOUR_PHOTOMETRIC = (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
+ALPHA = (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
 MIN_SIDE = 8
 # TIFF ResolutionUnit -> micrometres per unit
 MICROMETRES = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}  # inch, centimetre, millimetre, micrometre
@@ -98,9 +104,8 @@ def _ome_pixel_size(xml: str | None) -> tuple[float, float] | None:
     return None
 
 
-def _too_large(path: Path, shape: tuple[int, ...], max_megapixels: float) -> None:
+def _too_large(path: Path, h: int, w: int, max_megapixels: float) -> None:
     """Refuse an image by its header, before decoding it."""
-    h, w = shape[-3:-1] if len(shape) > 2 and shape[-1] <= 4 else shape[-2:]
     if h * w > max_megapixels * 1e6:
         raise ImageReadError(
             f"{path}: is {w}x{h} ({h * w / 1e6:.0f} MP), above the limit of {max_megapixels:.0f} MP; "
@@ -108,11 +113,69 @@ def _too_large(path: Path, shape: tuple[int, ...], max_megapixels: float) -> Non
         )
 
 
-def _read_pixels(path: Path, max_megapixels: float) -> np.ndarray:
+def _choose(path: Path, what: str, count: int, channel: int | None, names: Sequence[str] = ()) -> int | None:
+    """The index ``channel`` picks among ``count`` planes; an error naming them where none or a wrong one is given."""
+    if channel is not None and 0 <= channel < count:
+        return channel
+    listed = ", ".join(f"{i} {n}" for i, n in enumerate(names)) if names else f"0-{count - 1}"
+    if channel is None:
+        raise ImageReadError(f"{path}: {what}; which one holds the nuclei is not known: pick it with --channel N "
+                             f"(available: {listed})")
+    raise ImageReadError(f"{path}: {what}; there is no channel {channel} (available: {listed})")
+
+
+def _ome_channel_names(xml: str | None) -> list[str]:
+    import xml.etree.ElementTree as ET
+
+    channels = [e for e in ET.fromstring(xml).iter() if e.tag.endswith("}Channel")] if xml else []
+    return [c.attrib.get("Name", "") for c in channels] if all("Name" in c.attrib for c in channels) else []
+
+
+def _read_tiff(path: Path, max_megapixels: float, channel: int | None) -> np.ndarray:
+    """Read one 2-D image of a TIFF as its own description says: its series axes, photometric interpretation,
+    extra samples and OME channels. Only the plane asked for is decoded."""
+    import zarr
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        page = series.keyframe
+        axes, shape = list(series.axes), list(series.shape)
+        if len(shape) >= 3 and axes[-1] == "X" and shape[-1] <= 4 < shape[-2]:
+            axes[-3:] = ["Y", "X", "C"]  # a channel-last array saved without a photometric interpretation
+        extras = tuple(page.extrasamples)
+        colour = page.photometric in COLOUR_PHOTOMETRIC or (
+            page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
+            and extras and all(e in ALPHA for e in extras))  # gray + alpha
+        planes = [i for i, (a, n) in enumerate(zip(axes, shape, strict=True))
+                  if n > 1 and a not in "YX" and (a != "S" or not colour)]
+        described = f"axes {''.join(axes)}, shape {tuple(shape)}"
+        if len(planes) > 1:
+            raise ImageReadError(f"{path}: is a stack of {' x '.join(f'{shape[i]} {axes[i]}' for i in planes)} "
+                                 f"planes ({described}); save the one 2-D image or channel to segment")
+        index: list = [slice(None)] * len(shape)
+        if planes:
+            axis = planes[0]
+            names = _ome_channel_names(tif.ome_metadata) if tif.is_ome and axes[axis] == "C" else []
+            names = names if len(names) == shape[axis] else []
+            index[axis] = _choose(path, f"has {shape[axis]} planes along axis {axes[axis]} ({described})",
+                                  shape[axis], channel, names)
+        elif channel is not None and "S" in axes:  # one colour sample, e.g. the blue of an RGB composite
+            axis = axes.index("S")
+            index[axis] = _choose(path, f"has {shape[axis]} samples ({described})", shape[axis], channel)
+        elif channel is not None:
+            _choose(path, f"has one channel ({described})", 1, channel)
+        _too_large(path, shape[axes.index("Y")], shape[axes.index("X")], max_megapixels)
+        pixels = np.asarray(zarr.open(tif.aszarr(level=0), mode="r")[tuple(index)])  # level 0: full resolution
+        if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
+            pixels = tifffile.apply_colormap(pixels, page.colormap, contig=True)
+        elif page.photometric == tifffile.PHOTOMETRIC.MINISWHITE and pixels.dtype.kind in "ui":
+            pixels = np.iinfo(pixels.dtype).max - pixels  # 0 is white in these files
+        return pixels
+
+
+def _read_pixels(path: Path, max_megapixels: float, channel: int | None = None) -> np.ndarray:
     if path.suffix.lower() in (".tif", ".tiff"):
-        with tifffile.TiffFile(path) as tif:
-            _too_large(path, tif.series[0].shape, max_megapixels)
-            return tif.asarray()
+        return _read_tiff(path, max_megapixels, channel)
     pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
         # our own size limit replaces Pillow's decompression-bomb check, for this call only
@@ -120,21 +183,47 @@ def _read_pixels(path: Path, max_megapixels: float) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns about odd PNG chunks; real failures raise below
             with Image.open(path) as im:
-                _too_large(path, (im.height, im.width), max_megapixels)
-                if im.mode == "P":
-                    im = im.convert("RGBA")
-                return np.asarray(im)
+                _too_large(path, im.height, im.width, max_megapixels)
+                frames = getattr(im, "n_frames", 1)
+                if frames > 1:  # an animation (GIF, WebP, APNG): a frame is a plane to choose, like a TIFF page
+                    im.seek(_choose(path, f"has {frames} frames", frames, channel))
+                    channel = None
+                if im.mode not in PILLOW_MODES:
+                    im = im.convert("RGBA" if im.mode in ("P", "PA") else "RGB")
+                pixels = np.asarray(im)
     finally:
         Image.MAX_IMAGE_PIXELS = pillow_limit
+    if channel is not None:
+        count = pixels.shape[2] if pixels.ndim == 3 else 1
+        picked = _choose(path, f"has {count} channel{'s' * (count > 1)} (mode {im.mode})", count, channel)
+        pixels = pixels[..., picked] if pixels.ndim == 3 else pixels
+    return pixels
 
 
-def read_image(path: str | os.PathLike, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_megapixels: float = MAX_MEGAPIXELS, channel: int | None = None
+               ) -> np.ndarray:
     """Read an image file and return it as (H, W) or (H, W, C) with C in 1..4.
 
-    Raises ImageReadError, with the file name and the reason, for anything that cannot be segmented:
-    missing, unreadable, not an image, too small or too large, NaN or infinite values, more than one plane.
+    Parameters
+    ----------
+    path : path
+        PNG, TIFF / OME-TIFF, JPEG, BMP, GIF or WebP file.
+    max_megapixels : float
+        Larger images are refused from their header, before they are decoded.
+    channel : int, optional
+        The nuclear channel of a multi-channel image (or the plane of a stack, the frame of an animation),
+        counted from 0; the image is then (H, W). Required where the file holds several planes that are not
+        the colours of one image.
+
+    Raises
+    ------
+    ImageReadError
+        With the file name and the reason, for anything that cannot be segmented: missing, unreadable, not an
+        image, too small or too large, NaN or infinite values, several planes and no (or a wrong) ``channel``.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ImageReadError(f"{path}: is a broken symbolic link or a symbolic link loop")
     if path.is_dir():
         raise ImageReadError(f"{path}: is a directory, not an image file")
     if not path.exists():
@@ -142,7 +231,7 @@ def read_image(path: str | os.PathLike, max_megapixels: float = MAX_MEGAPIXELS) 
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: file is empty (0 bytes)")
     try:
-        pixels = _read_pixels(path, max_megapixels)
+        pixels = _read_pixels(path, max_megapixels, channel)
     except ImageReadError:
         raise
     except PermissionError:
@@ -215,24 +304,23 @@ def to_gray(image: np.ndarray) -> np.ndarray:
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders into a sorted list of image paths.
+    """Expand files and folders into a list of image paths, each file once.
 
-    A folder in the competition layout contributes ``<id>/images/<id>.png``; any other folder contributes
-    the image files directly inside it. Inputs that do not exist, and folders that contribute no image (such
-    as a folder named ``x.png``), are returned as they are so that the caller reports them with the rest of
-    the batch instead of dropping them silently.
+    A folder contributes the image files directly inside it and, where it is in the competition layout, its
+    ``<id>/images/<id>.png``. Inputs that do not exist, and folders that contribute no image (such as a
+    folder named ``x.png``), are returned as they are so that the caller reports them with the rest of the
+    batch instead of dropping them silently.
     """
-    found: list[Path] = []
+    found: dict[str, Path] = {}
     for item in map(Path, inputs):
-        if not item.is_dir():
-            found.append(item)
-            continue
-        if is_dsb_layout(item):
-            inside = sorted(item.glob("*/images/*.png"))
-        else:
-            inside = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        found.extend(inside or [item])
-    return found
+        inside = [item]
+        if item.is_dir():
+            layout = sorted(item.glob("*/images/*.png")) if is_dsb_layout(item) else []
+            loose = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            inside = layout + loose or [item]
+        for path in inside:
+            found.setdefault(os.path.realpath(path), path)  # a file given twice, or via a link, is one input
+    return list(found.values())
 
 
 def is_dsb_layout(root: Path) -> bool:

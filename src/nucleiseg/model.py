@@ -204,8 +204,17 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> ModelBundle:
     if info.architecture not in ARCHITECTURES:
         raise ValueError(f"{folder}: unknown architecture {info.architecture!r}; known: {sorted(ARCHITECTURES)}")
     network = ARCHITECTURES[info.architecture](info.model)
-    state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
-    network.load_state_dict(state, strict=True)
+    weights = folder / "weights.pt"
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # missing, empty, truncated or not a PyTorch file: torch raises many types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{weights}: not a readable weights file ({reason})") from None
+    try:
+        network.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:  # a torch error lists every mismatch on its own line
+        details = "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())
+        raise ValueError(f"{weights}: does not match the network of model.json ({details or exc})") from None
     network.eval()
     thresholds_path, inference_path = folder / "thresholds.json", folder / "inference.json"
     thresholds = load_json(PostprocessConfig, thresholds_path) if thresholds_path.exists() else PostprocessConfig()

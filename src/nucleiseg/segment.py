@@ -34,6 +34,9 @@ MAX_ESTIMATE_PASSES = 3
 # where the network finds nothing at scale 1 it looks again at this scale (nuclei of 2-4 px then reach
 # the smallest size it was trained on); an image where nothing is found at all is segmented at scale 1
 LOOK_FINER = 2.0
+# the network was trained on nuclei 0.6-1.6x its training size: a given diameter is usable where the rescaling
+# bounds bring it within that range
+TRAINED_SPREAD = 1.6
 
 
 @dataclass
@@ -119,6 +122,18 @@ class Segmenter:
         return {"version": nucleiseg.__version__, "architecture": self.bundle.architecture,
                 "weights": digest.hexdigest()[:16], "predictor": type(self.predictor).__name__,
                 "inference": asdict(self.config)}
+
+    def check_diameter(self, diameter: float) -> None:
+        """Raise ValueError for a diameter that is not a positive number or that no rescaling within the
+        bounds brings to a size the network was trained on (it would find nothing)."""
+        if not diameter > 0 or not math.isfinite(diameter):
+            raise ValueError(f"diameter must be a positive number of pixels, got {diameter}")
+        low = self.target_diameter / self.config.max_scale / TRAINED_SPREAD
+        high = self.target_diameter / self.config.min_scale * TRAINED_SPREAD
+        if not low <= diameter <= high:
+            raise ValueError(f"diameter {diameter:g} px is outside what this model segments ({low:.1f}-{high:.0f} "
+                             f"px: nuclei of {self.target_diameter:g} px rescaled by {self.config.min_scale:g}-"
+                             f"{self.config.max_scale:g}x)")
 
     def scale_for(self, diameter: float) -> float:
         """The factor that brings nuclei of ``diameter`` pixels to the training size, within the bounds."""
@@ -207,8 +222,8 @@ class Segmenter:
         """
         # raises ImageReadError (a ValueError) that says what is wrong and how to fix it
         image = check_image(image, max_megapixels=np.inf)
-        if diameter is not None and not diameter > 0:
-            raise ValueError(f"diameter must be a positive number of pixels, got {diameter}")
+        if diameter is not None:
+            self.check_diameter(diameter)
         given = diameter is not None
         started = time.perf_counter()
         probabilities, diameter, scale = self.image_probabilities(prepare_input(image), diameter)
@@ -220,14 +235,15 @@ class Segmenter:
         return Segmentation(labels, diameter or self.target_diameter, scale, not given and diameter is not None,
                             image=image, timings=timings)
 
-    def segment_file(self, path: str | os.PathLike, diameter: float | None = None) -> Segmentation:
+    def segment_file(self, path: str | os.PathLike, diameter: float | None = None, channel: int | None = None
+                     ) -> Segmentation:
         """Read and segment one image file; the result carries the image as read and its metadata.
 
-        Raises ImageReadError, naming the file, for files that cannot be segmented (see ``io.read_image``)
-        and for blank images.
+        ``channel`` picks the nuclear channel of a multi-channel file (see ``io.read_image``). Raises
+        ImageReadError, naming the file, for files that cannot be segmented and for blank images.
         """
         started = time.perf_counter()
-        image = read_image(path, self.config.max_megapixels)
+        image = read_image(path, self.config.max_megapixels, channel)
         low, high = _range(image)
         if low == high:
             raise ImageReadError(f"{path}: image is blank (every pixel is {low:g})")
