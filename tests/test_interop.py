@@ -161,4 +161,5 @@ def test_every_output_for_every_sample_and_micrometres_from_the_input(tmp_path, 
 def test_bad_pixel_size_is_one_error_line(tmp_path):
     done = run_cli("segment", str(SAMPLES / "fluorescence_sparse.png"), "--out", str(tmp_path), "--pixel-size", "0")
     assert done.returncode == 2
-    assert done.stderr.strip() == "ERROR: pixel size must be a positive number of micrometres, not 0.0"
+    assert done.stderr.strip().endswith("error: argument --pixel-size: 0 is out of range: must be more than 0")
+    assert not any(tmp_path.iterdir())
