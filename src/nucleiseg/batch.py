@@ -76,6 +76,12 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def run_settings(segmenter: Segmenter, diameter: float | None, outputs: tuple[str, ...],
+                 options: OutputOptions) -> dict:
+    """Everything that determines a batch's outputs: the segmenter's settings, the diameter and the outputs."""
+    return segmenter.settings() | {"diameter": diameter, "outputs": list(outputs), "options": asdict(options)}
+
+
 def _finished(record_path: Path, path: Path, key: str) -> dict | None:
     """The summary row of an earlier run, if it finished this very input file with the same settings."""
     try:
@@ -111,6 +117,8 @@ def segment_batch(
     options: OutputOptions | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    names: list[str] | None = None,
+    tables: bool = True,
 ) -> BatchResult:
     """Segment every path of ``inputs`` into ``out_dir``; a bad file is logged and listed, never fatal.
 
@@ -132,13 +140,18 @@ def segment_batch(
         Redo images an earlier run finished.
     progress : bool
         Show a progress bar.
+    names : list of str, optional
+        Output name per input; by default ``output_names(inputs)``. A part of a larger batch (``cluster``)
+        passes the names given in the whole batch.
+    tables : bool
+        Write summary.csv and failures.csv at the end; a part of a larger batch leaves them to the caller.
     """
     outputs, options = check_outputs(outputs), options or OutputOptions()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = BatchResult()
-    names = output_names(inputs)
-    settings = segmenter.settings() | {"diameter": diameter, "outputs": list(outputs), "options": asdict(options)}
+    names = output_names(inputs) if names is None else names
+    settings = run_settings(segmenter, diameter, outputs, options)
     key = settings_key(settings)
     with logging_redirect_tqdm():  # error lines are printed whole, not mixed into the progress bar
         for path, name in tqdm(list(zip(inputs, names, strict=True)), desc="segmenting", unit="img",
@@ -168,11 +181,17 @@ def segment_batch(
                 result.failed.append((str(path), message))
                 log.error("%s", message)
             release_freed_memory()  # after a segmented or failed image; skipped ones freed nothing
+    if tables:
+        write_tables(out_dir, result)
+    return result
+
+
+def write_tables(out_dir: Path, result: BatchResult) -> None:
+    """Write summary.csv (one row per done image) and failures.csv (removed when nothing failed)."""
     write_table(out_dir / "summary.csv", {k: [row[k] for row in result.done] for k in SUMMARY_FIELDS})
     failures_path = out_dir / "failures.csv"
     if result.failed:
         write_table(failures_path, {"path": [p for p, _ in result.failed], "reason": [r for _, r in result.failed]})
     else:
         failures_path.unlink(missing_ok=True)
-    return result
 

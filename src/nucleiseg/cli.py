@@ -48,6 +48,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=LABEL_FORMATS, default=OutputOptions.label_format, help="label image format")
     p.add_argument("--overwrite", action="store_true", help="redo images that an earlier run finished")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where the network runs (auto: a GPU when PyTorch sees one)")
+    p.add_argument("--dask", metavar="ADDRESS", default=None,
+                   help="run on a Dask cluster: a scheduler address, or local:N for N local worker processes")
+    p.add_argument("--large", action="store_true",
+                   help="each input is one large image (zarr, OME-Zarr or TIFF) segmented block by block into "
+                        "OUT/<name>_labels.zarr")
+    p.add_argument("--block", type=int, default=2048, help="with --large: side of the block each task owns")
     # inference settings: unset ones come from the model folder (inference.json), else these defaults
     g = p.add_argument_group("inference settings (default: the model folder's, else the value shown)")
     defaults = InferenceConfig()
@@ -112,20 +120,68 @@ def _segment(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dask or args.large:
+        return _segment_scaled(args)
     out = Path(args.out).resolve()
     paths = [p for p in find_images(args.inputs) if p.resolve().parent != out]  # not our own outputs
     if not paths:
         log.error("no images found in %s", " ".join(args.inputs))
         return 1
     outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
-    segmenter = Segmenter(args.model, **inference_settings(args))
+    segmenter = Segmenter(args.model, device=args.device, **inference_settings(args))
     result = segment_batch(paths, args.out, segmenter, args.diameter, outputs, OutputOptions(args.format),
                            args.overwrite)
+    return _report(result, args.out)
+
+
+def _segment_scaled(args) -> int:
+    """``segment`` with --dask and/or --large (the ``dask`` extra)."""
+    from contextlib import ExitStack
+
+    from nucleiseg.io import find_images
+    from nucleiseg.outputs import OutputOptions
+    from nucleiseg.segment import Segmenter
+
+    segmenter = Segmenter(args.model, device=args.device, **inference_settings(args))
+    with ExitStack() as stack:
+        client = None
+        if args.dask:
+            from nucleiseg.cluster import connect
+
+            client, cluster = connect(args.dask)
+            stack.enter_context(client)
+            if cluster is not None:
+                stack.enter_context(cluster)
+        if args.large:
+            from nucleiseg.bigimage import segment_large
+
+            for source in args.inputs:
+                name = Path(source).name.split(".")[0]
+                result = segment_large(source, Path(args.out) / f"{name}_labels.zarr", segmenter, args.diameter,
+                                       args.block, client=client)
+                print(f"{source}: {result.nuclei} nuclei in {result.blocks[0]} x {result.blocks[1]} blocks; "
+                      f"labels in {result.path}")
+            return 0
+        from nucleiseg.cluster import segment_on_cluster
+
+        out = Path(args.out).resolve()
+        paths = [p for p in find_images(args.inputs) if p.resolve().parent != out]
+        if not paths:
+            log.error("no images found in %s", " ".join(args.inputs))
+            return 1
+        outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
+        result = segment_on_cluster(paths, out, segmenter, client, args.diameter, outputs,
+                                    OutputOptions(args.format), args.overwrite)
+    return _report(result, args.out)
+
+
+def _report(result, out: str) -> int:
+    """Print the batch's outcome; exit status 1 when an image failed."""
     total = sum(row["nuclei"] for row in result.done)
     print(f"{len(result.done)} images segmented ({result.skipped} already done), {len(result.failed)} failed, "
-          f"{total} nuclei; results in {args.out}")
+          f"{total} nuclei; results in {out}")
     if result.failed:
-        print(f"failures listed in {Path(args.out) / 'failures.csv'}", file=sys.stderr)
+        print(f"failures listed in {Path(out) / 'failures.csv'}", file=sys.stderr)
     return 1 if result.failed else 0
 
 
