@@ -95,30 +95,27 @@ def test_killed_worker_images_are_redone(tmp_path, images, client):
 
 @pytest.fixture(scope="module")
 def mosaic(tmp_path_factory):
-    """A real dense fluorescence image tiled 3 x 3 into a 1100 x 1100 zarr array, 3 x 3 blocks of 512."""
+    """A real dense fluorescence image tiled into a 768 x 768 zarr array: 3 x 3 blocks of 256."""
     image = read_image(REPO / "src" / "nucleiseg" / "samples" / "fluorescence_dense.png")
-    pixels = np.tile(image, (3, 3, 1))[:1100, :1100]
+    pixels = np.tile(image, (2, 3, 1))[:768, :768]
     path = tmp_path_factory.mktemp("big") / "mosaic.zarr"
-    zarr.create_array(path, data=pixels, chunks=(512, 512, pixels.shape[2]))
+    zarr.create_array(path, data=pixels, chunks=(256, 256, pixels.shape[2]))
     return pixels, path
 
 
 def test_blocks_give_the_nuclei_of_the_whole_image(tmp_path, mosaic):
     pixels, path = mosaic
-    segmenter = Segmenter()
+    # small network tiles keep the test fast: each block predicts the image-wide tiles that reach it
+    segmenter = Segmenter(tile=128, overlap=16)
     diameter = 18.0
     whole = segmenter.segment(pixels, diameter).labels
-    result = segment_large(path, tmp_path / "labels.zarr", segmenter, diameter, block=512)
+    result = segment_large(path, tmp_path / "labels.zarr", segmenter, diameter, block=256)
     labels = zarr.open_array(result.path, mode="r")[:]
     assert result.blocks == (3, 3) and labels.shape == whole.shape
     assert np.array_equal(np.unique(labels)[1:], np.arange(1, result.nuclei + 1))  # relabelled 1..N
+    assert result.nuclei == whole.max()
     matched = match(whole, labels)
-    found = (matched.ious >= 0.5).sum()
-    # measured: 1430 of 1453 matched, foreground IoU 0.983. The issue asks for equal counts and IoU >= 0.99;
-    # the gap is the network's tiling (blocks place their tiles differently), not the block margin: a
-    # 256 px margin gives the same figures. Not met yet: these bounds pin what is reached.
-    assert found >= 0.98 * whole.max() and abs(result.nuclei - whole.max()) <= 0.02 * whole.max()
-    assert ((whole > 0) & (labels > 0)).sum() / ((whole > 0) | (labels > 0)).sum() >= 0.97
+    assert len(matched.ious) == whole.max() and matched.ious.min() >= 0.99, np.sort(matched.ious)[:5]
 
 
 def test_overlap_below_context_plus_nucleus_is_refused():

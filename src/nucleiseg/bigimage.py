@@ -2,11 +2,14 @@
 
 The image is cut into ``block`` x ``block`` cores. Each core is segmented with a margin of ``overlap``
 pixels of image around it; a nucleus belongs to the one block whose core holds its centre (as StarDist's
-``predict_instances_big`` does). The margin must hold the network's context (``InferenceConfig.overlap``,
-in the network's pixels, brought to the image's) plus the largest nucleus: then each kept nucleus is whole
-and is what the whole image would give. ``check_overlap`` refuses a smaller margin before anything runs,
-and a nucleus that reaches into the context band anyway (larger than ``MAX_NUCLEUS`` x the diameter) is an
-error that says which overlap to use.
+``predict_instances_big`` does). The network's outputs of a block are those of the whole image: the block
+is predicted with the tiles of one image-wide tile grid that reach it, with the whole image's blending
+weights (``predict.predict_region``), reading the image as far as those tiles go. The margin must hold the
+network's context (``InferenceConfig.overlap``, in the network's pixels, brought to the image's) plus the
+largest nucleus, so that post-processing sees every kept nucleus whole, with the surroundings the whole
+image gives it. ``check_overlap`` refuses a smaller margin before anything runs, and a nucleus that
+reaches into the context band anyway (larger than ``MAX_NUCLEUS`` x the diameter) is an error that says
+which overlap to use.
 
 Two passes over the blocks (dask tasks; on a ``distributed.Client`` when given): the first writes the
 kept nuclei of each block, numbered 1..n, to a scratch zarr array (one chunk per block); the second
@@ -14,8 +17,9 @@ numbers them globally (block offsets) and pastes them into the output chunks, a 
 nuclei going to the earlier block, as ``postprocess._blockwise`` does. The output is written next to its
 final path and moved there at the end.
 
-Normalisation (``data.prepare_input``) needs image-wide percentiles: they are taken on the image, or on
-a regular subsample of at most ``SAMPLE_PIXELS`` of it, and applied to every block.
+Normalisation (``data.prepare_input``) needs image-wide percentiles: they are taken on the whole image up
+to ``SAMPLE_PIXELS`` (8192 x 8192), so the labels are those of a single-process run, and beyond that on a
+regular subsample of about that many pixels; then applied to every block.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from nucleiseg.segment import ESTIMATE_CROP, Segmenter
 
 BLOCK = 2048  # core side: with the margin, a block stays under postprocess.BLOCK + 2 x overlap
 MAX_NUCLEUS = 3.0  # the largest nucleus the margin must hold, in median diameters
-SAMPLE_PIXELS = 16e6  # normalisation percentiles are taken on at most this many pixels
+SAMPLE_PIXELS = 8192**2  # normalisation percentiles are taken on at most this many pixels
 
 
 def open_large(path: str | os.PathLike) -> zarr.Array:
@@ -76,6 +80,17 @@ def _plane(array: zarr.Array, ys: slice, xs: slice) -> np.ndarray:
     """Pixels ``ys, xs`` of the one plane of ``array``."""
     lead = array.ndim - len(_plane_shape(array))
     return np.asarray(array[(0,) * lead + (ys, xs)])
+
+
+class _Normalised:
+    """A lazy (H, W) view of the normalised image: slicing reads and normalises those pixels only."""
+
+    def __init__(self, array: zarr.Array, normalise: Normalisation):
+        self.array, self.normalise = array, normalise
+        self.shape = _plane_shape(array)[:2]
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        return self.normalise(_plane(self.array, *key))
 
 
 @dataclass(frozen=True)
@@ -246,8 +261,8 @@ class _Plan:
         (h, w), b, m = self.shape, self.block, self.overlap
         y, x = cell[0] * b, cell[1] * b
         y0, x0, y1, x1 = max(0, y - m), max(0, x - m), min(h, y + b + m), min(w, x + b + m)
-        pixels = _plane(open_large(self.source), slice(y0, y1), slice(x0, x1))
-        probabilities = segmenter.probabilities(self.normalise(pixels), self.scale)
+        view = _Normalised(open_large(self.source), self.normalise)
+        probabilities = segmenter.probabilities(view, self.scale, (y0, y1, x0, x1))
         found = instances(probabilities, segmenter.thresholds, self.diameter)
         kept = np.zeros((b + 2 * m, b + 2 * m), np.int32)
         count, reach = 0, 0

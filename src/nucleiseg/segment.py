@@ -132,9 +132,10 @@ class Segmenter:
         """The factor that brings nuclei of ``diameter`` pixels to the training size, within the bounds."""
         return scale_factor(diameter, self.target_diameter, self.config.min_scale, self.config.max_scale)
 
-    def probabilities(self, x: np.ndarray, scale: float) -> np.ndarray:
-        """(H, W) normalised image -> (K, H, W) probabilities, the network seeing it resized by ``scale``."""
-        return predict_probabilities(self.predictor, x, scale, self.config)
+    def probabilities(self, x: np.ndarray, scale: float, region: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """(H, W) normalised image -> (K, H, W) probabilities, the network seeing it resized by ``scale``;
+        with ``region`` (y0, y1, x0, x1), that part only, as the whole image's prediction has it."""
+        return predict_probabilities(self.predictor, x, scale, self.config, region)
 
     def estimate_diameter(self, x: np.ndarray) -> tuple[float | None, float, np.ndarray | None]:
         """Estimate the median nucleus diameter of normalised image ``x`` (in its own pixels).
