@@ -48,11 +48,12 @@ def client():
 
 @pytest.fixture
 def images(tmp_path):
-    """The five committed real images and a corrupt file, which must fail alone."""
+    """Four committed real images (the 1 MP one would triple the tests' time) and a corrupt file, which must
+    fail alone."""
     bad = tmp_path / "in" / "broken.png"
     bad.parent.mkdir()
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not a png")
-    return find_images([VALIDATION]) + [bad]
+    return [p for p in find_images([VALIDATION]) if not p.name.startswith("76a372bfd3fa")] + [bad]
 
 
 def _tables(folder):
@@ -95,9 +96,9 @@ def test_killed_worker_images_are_redone(tmp_path, images, client):
 
 @pytest.fixture(scope="module")
 def mosaic(tmp_path_factory):
-    """A real dense fluorescence image tiled into a 768 x 768 zarr array: 3 x 3 blocks of 256."""
+    """A real dense fluorescence image tiled into a 512 x 768 zarr array: 2 x 3 blocks of 256."""
     image = read_image(REPO / "src" / "nucleiseg" / "samples" / "fluorescence_dense.png")
-    pixels = np.tile(image, (2, 3, 1))[:768, :768]
+    pixels = np.tile(image, (1, 3, 1))[:512, :768]
     path = tmp_path_factory.mktemp("big") / "mosaic.zarr"
     zarr.create_array(path, data=pixels, chunks=(256, 256, pixels.shape[2]))
     return pixels, path
@@ -111,7 +112,7 @@ def test_blocks_give_the_nuclei_of_the_whole_image(tmp_path, mosaic):
     whole = segmenter.segment(pixels, diameter).labels
     result = segment_large(path, tmp_path / "labels.zarr", segmenter, diameter, block=256)
     labels = zarr.open_array(result.path, mode="r")[:]
-    assert result.blocks == (3, 3) and labels.shape == whole.shape
+    assert result.blocks == (2, 3) and labels.shape == whole.shape
     assert np.array_equal(np.unique(labels)[1:], np.arange(1, result.nuclei + 1))  # relabelled 1..N
     assert result.nuclei == whole.max()
     matched = match(whole, labels)
