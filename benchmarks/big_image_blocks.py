@@ -4,10 +4,10 @@
 
 A real stage1_test image is tiled to side x side pixels (RGB uint8) and written as a zarr array. The
 single-process run (``Segmenter.segment`` on the whole array in memory, automatic diameter) gives the
-reference; ``bigimage.segment_large`` then segments the zarr array block by block with that diameter, in
-this process or, with ``--workers N``, on a local Dask cluster of N worker processes. Prints both times,
-the nucleus counts, and how many reference nuclei are matched at IoU > 0.5 with their lowest and mean IoU
-(``nucleiseg.metrics.match``).
+reference; ``bigimage.segment_large`` then segments the zarr array block by block, also with the automatic
+diameter (estimated on the same central crop, so the same diameter and scale), in this process or, with
+``--workers N``, on a local Dask cluster of N worker processes. Prints both times, the nucleus counts, and
+how many reference nuclei are matched at IoU > 0.5 with their lowest and mean IoU (``metrics.match``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     whole = segmenter.segment(image)
     whole_s = time.perf_counter() - started
     print(f"{args.side} x {args.side} mosaic of {image_id[:12]}: single process {whole_s:.0f} s, "
-          f"{whole.labels.max()} nuclei, diameter {whole.diameter:.1f} px")
+          f"{whole.labels.max()} nuclei, diameter {whole.diameter:.1f} px, scale {whole.scale:.3f}")
     client = cluster = None
     if args.workers:
         from nucleiseg.cluster import connect
@@ -54,8 +54,7 @@ def main() -> None:
         source = Path(tmp) / "big.zarr"
         zarr.create_array(source, data=image, chunks=(args.block, args.block, 3))
         started = time.perf_counter()
-        result = segment_large(source, Path(tmp) / "labels.zarr", segmenter, whole.diameter, args.block,
-                               client=client)
+        result = segment_large(source, Path(tmp) / "labels.zarr", segmenter, block=args.block, client=client)
         blocks_s = time.perf_counter() - started
         labels = zarr.open_array(result.path, mode="r")[:]
     if client is not None:
@@ -64,10 +63,11 @@ def main() -> None:
     matched = match(whole.labels, labels)
     ious = matched.ious
     print(f"blocks {result.blocks[0]} x {result.blocks[1]} of {args.block}"
-          f"{f' on {args.workers} workers' if args.workers else ''}: {blocks_s:.0f} s, {result.nuclei} nuclei "
-          f"(single process {whole.labels.max()}); {len(ious)} of {whole.labels.max()} matched at IoU > 0.5, "
+          f"{f' on {args.workers} workers' if args.workers else ''}: {blocks_s:.0f} s, {result.nuclei} nuclei, "
+          f"diameter {result.diameter:.1f} px, scale {result.scale:.3f} (single process {whole.labels.max()}); "
+          f"{len(ious)} of {whole.labels.max()} matched at IoU > 0.5, "
           f"IoU lowest {ious.min():.4f}, mean {ious.mean():.4f}; "
-          f"{np.array_equal(labels > 0, whole.labels > 0) and 'same' or 'different'} foreground")
+          f"{'same' if np.array_equal(labels > 0, whole.labels > 0) else 'different'} foreground")
 
 
 if __name__ == "__main__":
