@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from nucleiseg.config import InferenceConfig
-from nucleiseg.predict import TorchPredictor, pad_to_multiple, predict_tiled, tile_starts
+from nucleiseg.data import prepare_input
+from nucleiseg.io import read_image
+from nucleiseg.predict import TorchPredictor, pad_to_multiple, predict_region, predict_tiled, tile_starts
+from tests.conftest import REPO
 
 
 def plus_one(batch: np.ndarray) -> np.ndarray:
@@ -23,6 +26,26 @@ def test_pointwise_predictor_is_reproduced_exactly(shape, tile, overlap):
     assert out.shape == (2,) + shape
     np.testing.assert_allclose(out[0], image[0] + 1, rtol=1e-5)
     np.testing.assert_allclose(out[1], image[0] * 2, rtol=1e-5)
+
+
+def tile_mean(batch: np.ndarray) -> np.ndarray:
+    """Each tile's mean everywhere on it: the output depends on where the tiles are."""
+    return np.broadcast_to(batch.mean(axis=(2, 3), keepdims=True), batch.shape).copy()
+
+
+def test_a_region_is_predicted_with_the_whole_image_tiles():
+    image = prepare_input(read_image(REPO / "src" / "nucleiseg" / "samples" / "fluorescence_dense.png"))[None]
+    whole = predict_tiled(tile_mean, image, 1, tile=128, overlap=32)
+    y0, y1, x0, x1 = 100, 230, 50, 300
+
+    def read(a, b, c, d):
+        return image[:, a:b, c:d]
+
+    part = predict_region(tile_mean, read, image.shape[1:], (y0, y1, x0, x1), 1, tile=128, overlap=32)
+    np.testing.assert_allclose(part, whole[:, y0:y1, x0:x1], rtol=1e-6)
+    # the region tiled on its own would differ
+    alone = predict_tiled(tile_mean, image[:, y0:y1, x0:x1], 1, tile=128, overlap=32)
+    assert not np.allclose(alone, whole[:, y0:y1, x0:x1], rtol=1e-3)
 
 
 def test_tiles_cover_and_overlap():

@@ -23,7 +23,7 @@ import socket
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -145,6 +145,14 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def run_settings(segmenter: Segmenter, diameter: float | None, outputs: tuple[str, ...],
+                 options: OutputOptions, channel: int | None = None) -> dict:
+    """Everything that determines a batch's outputs: the segmenter's settings, the diameter, the channel
+    and the outputs."""
+    return segmenter.settings() | {"diameter": diameter, "channel": channel, "outputs": list(outputs),
+                                   "options": asdict(options)}
+
+
 def _finished(record_path: Path, path: Path, key: str) -> dict | None:
     """The summary row of an earlier run, if it finished this very input file with the same settings.
 
@@ -204,6 +212,8 @@ def segment_batch(
     overwrite: bool = False,
     progress: bool = True,
     channel: int | None = None,
+    names: list[str] | None = None,
+    tables: bool = True,
 ) -> BatchResult:
     """Segment every path of ``inputs`` into ``out_dir``; a bad file is logged and listed, never fatal.
 
@@ -227,6 +237,12 @@ def segment_batch(
         Show a progress bar.
     channel : int, optional
         The nuclear channel of multi-channel images (``io.read_image``).
+    names : list of str, optional
+        Output name per input; by default ``output_names(inputs)``. A part of a larger batch (``cluster``)
+        passes the names given in the whole batch.
+    tables : bool
+        Hold the output folder's lock and write summary.csv and failures.csv at the end; a part of a larger
+        batch leaves both to the caller, which holds the lock for the whole batch.
 
     Raises
     ------
@@ -238,11 +254,10 @@ def segment_batch(
     if diameter is not None:
         segmenter.check_diameter(diameter)
     result = BatchResult()
-    names = output_names(inputs)
-    settings = segmenter.settings() | {"diameter": diameter, "channel": channel, "outputs": list(outputs),
-                                       "options": asdict(options)}
+    names = output_names(inputs) if names is None else names
+    settings = run_settings(segmenter, diameter, outputs, options, channel)
     key = settings_key(settings)
-    with lock_folder(out_dir), logging_redirect_tqdm():  # error lines are printed whole, not mixed into the bar
+    with lock_folder(out_dir) if tables else nullcontext(), logging_redirect_tqdm():  # whole error lines
         for path, name in tqdm(list(zip(inputs, names, strict=True)), desc="segmenting", unit="img",
                                disable=not progress):
             record_path = out_dir / f"{name}{RECORD_SUFFIX}"
@@ -275,17 +290,25 @@ def segment_batch(
                 result.failed.append((str(path), message))
                 log.error("%s", message)
             release_freed_memory()  # after a segmented or failed image; skipped ones freed nothing
-        rows = folder_summary(out_dir)
-        failures = {"path": [p for p, _ in result.failed], "reason": [r for _, r in result.failed]}
-        tables = {"summary.csv": {k: [row.get(k) for row in rows] for k in SUMMARY_FIELDS},
-                  "failures.csv": failures if result.failed else None}
-        for file, table in tables.items():
-            try:
-                if table is None:
-                    (out_dir / file).unlink(missing_ok=True)
-                else:
-                    write_table(out_dir / file, table)
-            except OSError as exc:
-                result.unwritten.append(f"{out_dir / file}: could not be written ({exc.strerror or exc})")
-                log.error("%s", result.unwritten[-1])
+    if tables:
+        write_tables(out_dir, result)
     return result
+
+
+def write_tables(out_dir: Path, result: BatchResult) -> None:
+    """Write summary.csv (every image of the folder that has a record) and failures.csv (this run's
+    failures; removed when nothing failed). A table that cannot be written is noted in ``result.unwritten``."""
+    rows = folder_summary(out_dir)
+    failures = {"path": [p for p, _ in result.failed], "reason": [r for _, r in result.failed]}
+    tables = {"summary.csv": {k: [row.get(k) for row in rows] for k in SUMMARY_FIELDS},
+              "failures.csv": failures if result.failed else None}
+    for file, table in tables.items():
+        try:
+            if table is None:
+                (out_dir / file).unlink(missing_ok=True)
+            else:
+                write_table(out_dir / file, table)
+        except OSError as exc:
+            result.unwritten.append(f"{out_dir / file}: could not be written ({exc.strerror or exc})")
+            log.error("%s", result.unwritten[-1])
+

@@ -77,6 +77,15 @@ def get_parser() -> argparse.ArgumentParser:
                         "they have it); gives the CSV's µm columns and the OME-TIFF's physical size")
     p.add_argument("--overwrite", action="store_true", help="redo images that an earlier run finished")
     p.add_argument("--threads", type=number(int, 0), default=0, help="CPU threads (0 = all)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where the network runs (auto: a GPU when PyTorch sees one)")
+    p.add_argument("--dask", metavar="ADDRESS", default=None,
+                   help="run on a Dask cluster: a scheduler address, or local:N for N local worker processes")
+    p.add_argument("--large", action="store_true",
+                   help="each input is one large image (zarr, OME-Zarr or TIFF) segmented block by block into "
+                        "OUT/<name>_labels.zarr")
+    p.add_argument("--block", type=number(int, 64), default=2048,
+                   help="with --large: side of the block each task owns")
     # inference settings: unset ones come from the model folder (inference.json), else these defaults
     g = p.add_argument_group("inference settings (default: the model folder's, else the value shown)")
     defaults = InferenceConfig()
@@ -152,17 +161,61 @@ def _segment(args) -> int:
         if os.path.realpath(folder) == out:
             raise ValueError(f"--out {args.out} holds the input {item}: the outputs would mix with the images "
                              "(and be taken for images on the next run); choose another output folder")
+    if args.dask or args.large:
+        return _segment_scaled(args)
     paths = find_images(args.inputs)
     outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
-    segmenter = Segmenter(args.model, **inference_settings(args))
+    segmenter = Segmenter(args.model, device=args.device, **inference_settings(args))
     options = OutputOptions(args.format, args.pixel_size)
     result = segment_batch(paths, args.out, segmenter, args.diameter, outputs, options, args.overwrite,
                            channel=args.channel)
+    return _report(result, args.out)
+
+
+def _segment_scaled(args) -> int:
+    """``segment`` with --dask and/or --large (the ``dask`` extra)."""
+    from contextlib import ExitStack
+
+    from nucleiseg.io import find_images
+    from nucleiseg.outputs import OutputOptions
+    from nucleiseg.segment import Segmenter
+
+    segmenter = Segmenter(args.model, device=args.device, **inference_settings(args))
+    with ExitStack() as stack:
+        client = None
+        if args.dask:
+            from nucleiseg.cluster import connect
+
+            client, cluster = connect(args.dask)
+            stack.enter_context(client)
+            if cluster is not None:
+                stack.enter_context(cluster)
+        if args.large:
+            from nucleiseg.bigimage import segment_large
+
+            for source in args.inputs:
+                name = Path(source).name.split(".")[0]
+                result = segment_large(source, Path(args.out) / f"{name}_labels.zarr", segmenter, args.diameter,
+                                       args.block, client=client)
+                print(f"{source}: {result.nuclei} nuclei in {result.blocks[0]} x {result.blocks[1]} blocks; "
+                      f"labels in {result.path}")
+            return 0
+        from nucleiseg.cluster import segment_on_cluster
+
+        outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
+        result = segment_on_cluster(find_images(args.inputs), args.out, segmenter, client, args.diameter, outputs,
+                                    OutputOptions(args.format, args.pixel_size), args.overwrite,
+                                    channel=args.channel)
+    return _report(result, args.out)
+
+
+def _report(result, out: str) -> int:
+    """Print the batch's outcome; exit status 1 when an image failed or a table could not be written."""
     total = sum(row["nuclei"] for row in result.done)
     print(f"{len(result.done)} images segmented ({result.skipped} already done), {len(result.failed)} failed, "
-          f"{total} nuclei; results in {args.out}")
+          f"{total} nuclei; results in {out}")
     if result.failed:
-        print(f"failures listed in {Path(args.out) / 'failures.csv'}", file=sys.stderr)
+        print(f"failures listed in {Path(out) / 'failures.csv'}", file=sys.stderr)
     return 1 if result.failed or result.unwritten else 0
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from nucleiseg.config import InferenceConfig
 from nucleiseg.data import decode_size, prepare_input, scale_factor
 from nucleiseg.io import ImageMetadata, ImageReadError, check_image, read_image, read_metadata, to_gray
-from nucleiseg.model import DEFAULT_MODEL, ModelBundle, load_model
+from nucleiseg.model import DEFAULT_MODEL, ModelBundle, load_model, select_device
 from nucleiseg.postprocess import instances
 from nucleiseg.predict import Predictor, make_predictor, predict_probabilities
 
@@ -65,6 +65,9 @@ class Segmenter:
         The settings to segment with; by default the model's own (``ModelBundle.inference``).
     predictor : Predictor, optional
         Runs the network; by default the one of ``config.engine`` (``predict.PREDICTORS``).
+    device : str
+        Where the network runs: "auto" (a CUDA GPU when PyTorch sees one, else Apple's MPS, else the CPU),
+        "cpu", "cuda" or "mps"; a device that is not there is an error. Post-processing runs on the CPU.
     **settings
         Settings to change (``InferenceConfig.updated``), e.g. ``tta=True``, ``marker_threshold=0.4`` or
         ``thresholds=PostprocessConfig(...)``; None keeps the setting as it is.
@@ -83,6 +86,7 @@ class Segmenter:
         model: ModelBundle | str | os.PathLike = DEFAULT_MODEL,
         config: InferenceConfig | None = None,
         predictor: Predictor | None = None,
+        device: str = "auto",
         **settings,
     ):
         if isinstance(model, ModelBundle):
@@ -94,13 +98,17 @@ class Segmenter:
         config = config or self.bundle.inference
         self.config = config.updated(**{k: v for k, v in settings.items() if v is not None})
         self.custom_predictor = predictor is not None
+        # the name, not the torch.device: a worker process that rebuilds this Segmenter picks its own GPU
+        self.device = device
+        if predictor is None:
+            self.bundle.network.to(select_device(device))
         self.predictor = predictor or make_predictor(self.bundle, self.config)
 
     def __reduce__(self):
         if self.source is None or self.custom_predictor:
             raise TypeError("only a Segmenter made from a model folder or name, with its own predictor, can be "
                             "pickled; save the model with save_model and pass its folder")
-        return Segmenter, (self.source, self.config)
+        return Segmenter, (self.source, self.config, None, self.device)
 
     @property
     def thresholds(self):
@@ -139,9 +147,10 @@ class Segmenter:
         """The factor that brings nuclei of ``diameter`` pixels to the training size, within the bounds."""
         return scale_factor(diameter, self.target_diameter, self.config.min_scale, self.config.max_scale)
 
-    def probabilities(self, x: np.ndarray, scale: float) -> np.ndarray:
-        """(H, W) normalised image -> (K, H, W) probabilities, the network seeing it resized by ``scale``."""
-        return predict_probabilities(self.predictor, x, scale, self.config)
+    def probabilities(self, x: np.ndarray, scale: float, region: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """(H, W) normalised image -> (K, H, W) probabilities, the network seeing it resized by ``scale``;
+        with ``region`` (y0, y1, x0, x1), that part only, as the whole image's prediction has it."""
+        return predict_probabilities(self.predictor, x, scale, self.config, region)
 
     def estimate_diameter(self, x: np.ndarray) -> tuple[float | None, float, np.ndarray | None]:
         """Estimate the median nucleus diameter of normalised image ``x`` (in its own pixels).

@@ -1,0 +1,97 @@
+"""Segmentation speed on the CPU and on a CUDA GPU, and whether the two give the same nuclei.
+
+    python benchmarks/gpu.py [--data ../shared/data/dsb2018/stage1_test] [--model default] [--cpu-only]
+
+Segments every image of ``--data`` (a competition-layout folder, read with ``nucleiseg.io.load_dataset``)
+with the default settings (automatic diameter) on each device, after one warm-up image. Prints per device
+the megapixels per second end to end and where the time goes: the network (the predictor's calls, GPU
+transfers included), the rest of the prediction (tiling, rescaling, blending, the diameter estimate's
+bookkeeping) and post-processing (always on the CPU). Then the agreement of the label images: per image the
+difference in nucleus count, and the mean IoU of the nuclei matched at IoU > 0.5 (``nucleiseg.metrics.match``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nucleiseg.io import load_dataset
+from nucleiseg.metrics import match
+from nucleiseg.segment import Segmenter
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018" / "stage1_test"
+
+
+class TimedPredictor:
+    """Wraps a predictor and adds up the seconds spent in it (its output is on the CPU, so the GPU's work
+    is finished when a call returns)."""
+
+    def __init__(self, predictor):
+        self.predictor, self.seconds = predictor, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.predictor, name)
+
+    def __call__(self, batch):
+        started = time.perf_counter()
+        out = self.predictor(batch)
+        self.seconds += time.perf_counter() - started
+        return out
+
+
+def run(images: list[np.ndarray], model: str, device: str) -> tuple[list[np.ndarray], dict]:
+    segmenter = Segmenter(model, device=device)
+    timed = segmenter.predictor = TimedPredictor(segmenter.predictor)
+    segmenter.segment(images[0])  # warm-up: CUDA context, cuDNN's choice of kernels
+    timed.seconds = 0.0
+    labels, predict, postprocess = [], 0.0, 0.0
+    started = time.perf_counter()
+    for image in images:
+        result = segmenter.segment(image)
+        labels.append(result.labels)
+        predict += result.timings["predict"]
+        postprocess += result.timings["postprocess"]
+    total = time.perf_counter() - started
+    return labels, {"seconds": total, "network": timed.seconds, "prediction_rest": predict - timed.seconds,
+                    "postprocess": postprocess}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA, help="competition-layout folder of images")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--cpu-only", action="store_true", help="run where there is no GPU (checks the script)")
+    args = parser.parse_args()
+    if not args.cpu_only and not torch.cuda.is_available():
+        parser.error("PyTorch sees no CUDA GPU here (use --cpu-only to run the CPU half alone)")
+
+    images = [s.image for s in load_dataset(args.data, progress=False, use_cache=False)]
+    megapixels = sum(i.shape[0] * i.shape[1] for i in images) / 1e6
+    gpu = "" if args.cpu_only else f", GPU {torch.cuda.get_device_name()}"
+    print(f"{len(images)} images, {megapixels:.1f} MP; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads{gpu}")
+    results = {}
+    for device in ("cpu",) if args.cpu_only else ("cpu", "cuda"):
+        labels, t = run(images, args.model, device)
+        results[device] = labels
+        print(f"{device}: {megapixels / t['seconds']:.2f} MP/s ({len(images) / t['seconds']:.2f} images/s, "
+              f"{t['seconds']:.1f} s); network {t['network']:.1f} s ({t['network'] / t['seconds']:.0%}), "
+              f"rest of prediction {t['prediction_rest']:.1f} s, post-processing {t['postprocess']:.1f} s")
+    if args.cpu_only:
+        return
+    counts = np.array([abs(int(a.max()) - int(b.max())) for a, b in zip(results["cpu"], results["cuda"], strict=True)])
+    matches = [match(a, b) for a, b in zip(results["cpu"], results["cuda"], strict=True)]
+    ious = np.concatenate([m.ious for m in matches])
+    same = sum(np.array_equal(a, b) for a, b in zip(results["cpu"], results["cuda"], strict=True))
+    print(f"agreement cpu vs cuda: {same}/{len(images)} label images identical; nucleus count differs on "
+          f"{(counts > 0).sum()} images (at most {counts.max()}, {counts.sum()} of "
+          f"{sum(int(a.max()) for a in results['cpu'])} in all); mean IoU of matched nuclei {ious.mean():.4f} "
+          f"(lowest image mean {min(m.ious.mean() for m in matches if len(m.ious)):.4f})")
+
+
+if __name__ == "__main__":
+    main()
