@@ -27,9 +27,6 @@ INFERENCE_OPTIONS = [
 
 
 def get_parser() -> argparse.ArgumentParser:
-    from nucleiseg.config import InferenceConfig
-    from nucleiseg.outputs import DEFAULT_OUTPUTS, LABEL_FORMATS, WRITERS, OutputOptions
-
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="nucleiseg", description="Find every nucleus in microscopy images.",
                                      formatter_class=formatter)
@@ -39,23 +36,16 @@ def get_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment images or folders of images", formatter_class=formatter)
     p.add_argument("inputs", nargs="+", help="image files, folders of images, or competition-layout folders")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", default="default", help="shipped model name or model folder")
-    p.add_argument("--diameter", type=float, default=None,
-                   help="typical nucleus diameter in pixels (default: estimated per image)")
-    p.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
-                   help=f"comma-separated outputs per image, among {', '.join(WRITERS)}")
-    p.add_argument("--format", choices=LABEL_FORMATS, default=OutputOptions.label_format, help="label image format")
-    p.add_argument("--overwrite", action="store_true", help="redo images that an earlier run finished")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
-    # inference settings: unset ones come from the model folder (inference.json), else these defaults
-    g = p.add_argument_group("inference settings (default: the model folder's, else the value shown)")
-    defaults = InferenceConfig()
-    for flag, kind, text in INFERENCE_OPTIONS:
-        key = flag.lstrip("-").replace("-", "_")
-        default = getattr(defaults.thresholds if key.endswith("_threshold") else defaults, key)
-        options = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
-        g.add_argument(flag, default=argparse.SUPPRESS, help=f"{text} (default: {default})", **options)
+    _add_segment_options(p)
+
+    p = sub.add_parser("benchmark", help="segment labelled images as `segment` does and score them",
+                       formatter_class=formatter)
+    p.add_argument("inputs", nargs="+", metavar="IMAGES [LABELS]",
+                   help="a folder of images (or one image) and the folder of their labels (label images, ImageJ "
+                        "ROI zips or folders of per-nucleus masks; pairing rules: see the README), or one "
+                        "competition-layout folder")
+    p.add_argument("--worst", type=int, default=4, help="images in worst.png, the lowest-scoring ones")
+    _add_segment_options(p)
 
     p = sub.add_parser("train", help="train a model", formatter_class=formatter)
     p.add_argument("--config", help="JSON training config (see configs/default.json)")
@@ -96,6 +86,30 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_segment_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``segment``, shared by the commands that segment as it does."""
+    from nucleiseg.config import InferenceConfig
+    from nucleiseg.outputs import DEFAULT_OUTPUTS, LABEL_FORMATS, WRITERS, OutputOptions
+
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default="default", help="shipped model name or model folder")
+    p.add_argument("--diameter", type=float, default=None,
+                   help="typical nucleus diameter in pixels (default: estimated per image)")
+    p.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
+                   help=f"comma-separated outputs per image, among {', '.join(WRITERS)}")
+    p.add_argument("--format", choices=LABEL_FORMATS, default=OutputOptions.label_format, help="label image format")
+    p.add_argument("--overwrite", action="store_true", help="redo images that an earlier run finished")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    # inference settings: unset ones come from the model folder (inference.json), else these defaults
+    g = p.add_argument_group("inference settings (default: the model folder's, else the value shown)")
+    defaults = InferenceConfig()
+    for flag, kind, text in INFERENCE_OPTIONS:
+        key = flag.lstrip("-").replace("-", "_")
+        default = getattr(defaults.thresholds if key.endswith("_threshold") else defaults, key)
+        options = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        g.add_argument(flag, default=argparse.SUPPRESS, help=f"{text} (default: {default})", **options)
+
+
 def inference_settings(args) -> dict:
     """The inference settings given on the command line (``InferenceConfig.updated`` names)."""
     keys = (flag.lstrip("-").replace("-", "_") for flag, _, _ in INFERENCE_OPTIONS)
@@ -127,6 +141,34 @@ def _segment(args) -> int:
     if result.failed:
         print(f"failures listed in {Path(args.out) / 'failures.csv'}", file=sys.stderr)
     return 1 if result.failed else 0
+
+
+def _benchmark(args) -> int:
+    import torch
+
+    from nucleiseg.benchmark import benchmark
+    from nucleiseg.labelled import pair_labels
+    from nucleiseg.outputs import OutputOptions
+    from nucleiseg.segment import Segmenter
+
+    if len(args.inputs) > 2:
+        raise ValueError(f"benchmark takes IMAGES LABELS or one competition-layout folder, got {len(args.inputs)} "
+                         "paths")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pairs = pair_labels(*args.inputs)
+    outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
+    segmenter = Segmenter(args.model, **inference_settings(args))
+    result = benchmark(pairs, args.out, segmenter, args.diameter, outputs, OutputOptions(args.format),
+                       args.overwrite, args.worst)
+    report = result.report
+    print(f"DSB score {report.dsb_score:.4f} (AP@0.5 {report.ap50:.4f}, F1@0.5 {report.f1_50:.4f}) on "
+          f"{report.n_images} images, {report.n_pred} nuclei found of {report.n_true}; per image in "
+          f"{Path(args.out) / 'benchmark.csv'}, worst images in {Path(args.out) / 'worst.png'}")
+    if result.batch.failed:
+        print(f"{len(result.batch.failed)} images failed and are not scored; listed in "
+              f"{Path(args.out) / 'failures.csv'}", file=sys.stderr)
+    return 1 if result.batch.failed else 0
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -269,7 +311,8 @@ def _seed(args) -> int:
     return 0
 
 
-COMMANDS = {"segment": _segment, "train": _train, "tune": _tune, "evaluate": _evaluate, "show": _show,
+COMMANDS = {"segment": _segment, "benchmark": _benchmark, "train": _train, "tune": _tune, "evaluate": _evaluate,
+            "show": _show,
             "seed": _seed}
 
 
