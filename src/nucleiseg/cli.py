@@ -54,6 +54,12 @@ def get_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its checkpoint (with --set epochs=N: train longer)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config values, e.g. epochs=10 data.patch_size=128")
+    g = p.add_argument_group("fine-tuning on your labelled images (instead of --config)")
+    g.add_argument("--from", dest="init_from", metavar="MODEL",
+                   help="start from this model (shipped name or folder), e.g. default; the recipe is in the README")
+    g.add_argument("--images", help="folder of images, or a competition-layout folder with masks")
+    g.add_argument("--labels", help="folder of their labels (label images, ImageJ ROI zips or per-nucleus mask "
+                                    "folders)")
 
     p = sub.add_parser("tune", help="tune post-processing thresholds on the validation split",
                        formatter_class=formatter)
@@ -201,6 +207,8 @@ def _train(args) -> int:
     from nucleiseg.config import TrainConfig, from_dict
     from nucleiseg.train import fit
 
+    if args.init_from or args.images or args.labels:
+        return _finetune(args)
     if args.resume:
         if args.config:
             raise ValueError("--resume takes the config saved in the run folder; drop --config")
@@ -214,6 +222,26 @@ def _train(args) -> int:
         cfg = from_dict(TrainConfig, _merge(asdict(from_dict(TrainConfig, values)), _parse_overrides(args.set)))
     model_dir = fit(cfg, args.out, resume=args.resume)
     print(f"best model in {model_dir}")
+    return 0
+
+
+def _finetune(args) -> int:
+    from dataclasses import asdict
+
+    from nucleiseg.config import TrainConfig, from_dict
+    from nucleiseg.finetune import finetune, finetune_config
+    from nucleiseg.labelled import pair_labels
+
+    if not (args.init_from and args.images):
+        raise ValueError("fine-tuning takes --from MODEL and --images (with --labels unless the images folder "
+                         "has the competition layout)")
+    if args.config or args.resume:
+        raise ValueError("--from starts a new fine-tune with its own recipe (change it with --set); drop --config "
+                         "and --resume")
+    cfg = finetune_config(args.init_from)
+    cfg = from_dict(TrainConfig, _merge(asdict(cfg), _parse_overrides(args.set)))
+    folder = finetune(pair_labels(args.images, args.labels), args.out, cfg)
+    print(f"fine-tuned model in {folder}; use it with --model {folder}")
     return 0
 
 
