@@ -41,8 +41,9 @@ def image_row(name: str, true: np.ndarray, pred: np.ndarray, estimated: float) -
     """One row of benchmark.csv."""
     m = match(true, pred)
     tp, fp, fn = m.counts(0.5)
-    return {"image": name, "dsb_score": round(m.dsb_score(), 4), "ap50": round(tp / max(tp + fp + fn, 1), 4),
-            "f1_50": round(2 * tp / max(2 * tp + fp + fn, 1), 4), "true_nuclei": m.n_true, "nuclei": m.n_pred,
+    ap50 = tp / (tp + fp + fn) if tp + fp + fn else 1.0  # no nucleus in either: nothing wrong, as dsb_score says
+    return {"image": name, "dsb_score": round(m.dsb_score(), 4), "ap50": round(ap50, 4),
+            "f1_50": round(2 * ap50 / (1 + ap50), 4), "true_nuclei": m.n_true, "nuclei": m.n_pred,
             "matched": tp, "missed": fn, "false": fp, "diameter": estimated,
             "true_diameter": round(median_diameter(true), 3)}
 

@@ -110,7 +110,7 @@ def pair_labels(images: str | os.PathLike, labels: str | os.PathLike | None = No
                             f"{path.stem}_labels.*, {path.stem}_masks.*, {path.stem}.zip, {path.stem}/)")
     kinds = (*LABEL_EXTENSIONS, ".zip")
     leftover = sorted(p for p in labels.iterdir() if p not in used and (p.is_dir() or p.suffix.lower() in kinds))
-    problems += [f"{p}: labels of no image (no image called {p.stem.removesuffix('_labels')}...)" for p in leftover]
+    problems += [f"{p}: labels of no image in {images}" for p in leftover]
     if problems:
         raise ValueError("images and labels do not pair up:\n  " + "\n  ".join(problems))
     return pairs
