@@ -105,3 +105,16 @@ def test_benchmark_scores_equal_evaluate(tmp_path, tiny_model, capsys):
     assert sum(int(r["nuclei"]) for r in rows[:-1]) == scores["n_pred"]
     assert sum(int(r["matched"]) for r in rows[:-1]) == round(scores["ap50"] * (scores["n_true"] + scores["n_pred"])
                                                              / (1 + scores["ap50"]))
+
+
+def test_unmatched_names_the_missed_and_the_false_nuclei(samples):
+    from nucleiseg.metrics import unmatched
+
+    true = samples[0].labels
+    first, second = np.unique(true)[1:3]
+    pred = true.copy()
+    pred[pred == first] = 0  # missed
+    pred[(true == 0) & (np.arange(true.shape[1]) < 3)] = 999  # a false nucleus along the left border
+    missed, false = unmatched(true, pred)
+    assert missed.tolist() == [first] and false.tolist() == [999]
+    assert second not in missed

@@ -112,7 +112,7 @@ def benchmark(
         tmp.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     if worst:
         order = np.argsort([r["dsb_score"] for r in rows], kind="stable")[:worst]
-        figure_rows = [(f"{scored[i][0]}: DSB {rows[i]['dsb_score']:.3f}", scored[i][1].image, scored[i][1].labels,
+        figure_rows = [(f"{scored[i][0][:24]}: DSB {rows[i]['dsb_score']:.3f}", scored[i][1].image, scored[i][1].labels,
                         scored[i][2]) for i in order]
         error_figure(figure_rows, out_dir / "worst.png")
     return BenchmarkResult(report, rows, batch)

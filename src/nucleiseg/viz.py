@@ -67,7 +67,7 @@ def comparison_figure(
     _save_figure(fig, path)
 
 
-def mark(rgb: np.ndarray, labels: np.ndarray, marked: np.ndarray, colour=(255, 0, 255)) -> np.ndarray:
+def mark(rgb: np.ndarray, labels: np.ndarray, marked: np.ndarray, colour=(255, 255, 0)) -> np.ndarray:
     """Tint the nuclei of ``labels`` listed in ``marked`` with ``colour`` (half opacity), on a copy of ``rgb``."""
     rgb = rgb.copy()
     inside = np.isin(labels, marked) & (labels > 0)
@@ -77,7 +77,8 @@ def mark(rgb: np.ndarray, labels: np.ndarray, marked: np.ndarray, colour=(255, 0
 
 def error_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str | os.PathLike) -> None:
     """One row per image: image / truth with the missed nuclei tinted / prediction with the false nuclei
-    tinted (no match at IoU > 0.5). ``rows`` holds (title, image, true labels, predicted labels)."""
+    tinted yellow (no match at IoU > 0.5: visible on fluorescence and on H&E). ``rows`` holds (title, image,
+    true labels, predicted labels)."""
     from nucleiseg.metrics import unmatched
 
     fig = Figure(figsize=(12, 4 * len(rows)))
