@@ -20,7 +20,7 @@ def run_cli(*args, env=None):
 
 def test_parser_has_every_command():
     choices = get_parser()._subparsers._group_actions[0].choices
-    assert set(choices) == {"export", "segment", "train", "tune", "evaluate", "show", "seed"}
+    assert set(choices) == {"export", "segment", "benchmark", "train", "tune", "evaluate", "show", "seed"}
 
 
 @pytest.mark.parametrize("kind", ["folder", "csv"])

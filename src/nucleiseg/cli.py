@@ -49,9 +49,6 @@ INFERENCE_OPTIONS = [
 
 
 def get_parser() -> argparse.ArgumentParser:
-    from nucleiseg.config import InferenceConfig
-    from nucleiseg.outputs import DEFAULT_OUTPUTS, LABEL_FORMATS, WRITERS, OutputOptions
-
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="nucleiseg", description="Find every nucleus in microscopy images.",
                                      formatter_class=formatter)
@@ -61,24 +58,11 @@ def get_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment images or folders of images", formatter_class=formatter)
     p.add_argument("inputs", nargs="+", help="image files, folders of images, or competition-layout folders")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", default="default", help="shipped model name or model folder")
-    p.add_argument("--diameter", type=number(float, 0, low_open=True), default=None,
-                   help="typical nucleus diameter in pixels (default: estimated per image)")
+    _add_segment_options(p)
     p.add_argument("--channel", type=number(int, 0), default=None,
                    help="the nuclear channel (from 0) of multi-channel images, or the plane of a stack; "
                         "required where a file holds several channels that are not the colours of one image "
                         "(default: colour and gray images are used as they are)")
-    p.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
-                   help=f"comma-separated outputs per image, among {', '.join(WRITERS)}")
-    p.add_argument("--format", choices=LABEL_FORMATS, default=OutputOptions.label_format, help="label image format")
-    p.add_argument("--pixel-size", type=number(float, 0, low_open=True), default=None, metavar="MICRONS",
-                   help="micrometres per pixel of every image (default: from the TIFF/OME-TIFF metadata, where "
-                        "they have it); gives the CSV's µm columns and the OME-TIFF's physical size")
-    p.add_argument("--overwrite", action="store_true", help="redo images that an earlier run finished")
-    p.add_argument("--threads", type=number(int, 0), default=0, help="CPU threads (0 = all)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="where the network runs (auto: a GPU when PyTorch sees one)")
     p.add_argument("--dask", metavar="ADDRESS", default=None,
                    help="run on a Dask cluster: a scheduler address, or local:N for N local worker processes")
     p.add_argument("--large", action="store_true",
@@ -86,14 +70,15 @@ def get_parser() -> argparse.ArgumentParser:
                         "OUT/<name>_labels.zarr")
     p.add_argument("--block", type=number(int, 64), default=2048,
                    help="with --large: side of the block each task owns")
-    # inference settings: unset ones come from the model folder (inference.json), else these defaults
-    g = p.add_argument_group("inference settings (default: the model folder's, else the value shown)")
-    defaults = InferenceConfig()
-    for flag, kind, text in INFERENCE_OPTIONS:
-        key = flag.lstrip("-").replace("-", "_")
-        default = getattr(defaults.thresholds if key.endswith("_threshold") else defaults, key)
-        options = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
-        g.add_argument(flag, default=argparse.SUPPRESS, help=f"{text} (default: {default})", **options)
+
+    p = sub.add_parser("benchmark", help="segment labelled images as `segment` does and score them",
+                       formatter_class=formatter)
+    p.add_argument("inputs", nargs="+", metavar="IMAGES [LABELS]",
+                   help="a folder of images (or one image) and the folder of their labels (label images, ImageJ "
+                        "ROI zips or folders of per-nucleus masks; pairing rules: see the README), or one "
+                        "competition-layout folder")
+    p.add_argument("--worst", type=number(int, 0), default=4, help="images in worst.png, the lowest-scoring ones")
+    _add_segment_options(p)
 
     p = sub.add_parser("train", help="train a model", formatter_class=formatter)
     p.add_argument("--config", help="JSON training config (see configs/default.json)")
@@ -102,6 +87,12 @@ def get_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its checkpoint (with --set epochs=N: train longer)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config values, e.g. epochs=10 data.patch_size=128")
+    g = p.add_argument_group("fine-tuning on your labelled images (instead of --config)")
+    g.add_argument("--from", dest="init_from", metavar="MODEL",
+                   help="start from this model (shipped name or folder), e.g. default; the recipe is in the README")
+    g.add_argument("--images", help="folder of images, or a competition-layout folder with masks")
+    g.add_argument("--labels", help="folder of their labels (label images, ImageJ ROI zips or per-nucleus mask "
+                                    "folders)")
 
     p = sub.add_parser("tune", help="tune post-processing thresholds on the validation split",
                        formatter_class=formatter)
@@ -137,6 +128,35 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--epochs", type=int, default=30)
     return parser
+
+
+def _add_segment_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``segment``, shared by the commands that segment as it does."""
+    from nucleiseg.config import InferenceConfig
+    from nucleiseg.outputs import DEFAULT_OUTPUTS, LABEL_FORMATS, WRITERS, OutputOptions
+
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default="default", help="shipped model name or model folder")
+    p.add_argument("--diameter", type=number(float, 0, low_open=True), default=None,
+                   help="typical nucleus diameter in pixels (default: estimated per image)")
+    p.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
+                   help=f"comma-separated outputs per image, among {', '.join(WRITERS)}")
+    p.add_argument("--format", choices=LABEL_FORMATS, default=OutputOptions.label_format, help="label image format")
+    p.add_argument("--pixel-size", type=number(float, 0, low_open=True), default=None, metavar="MICRONS",
+                   help="micrometres per pixel of every image (default: from the TIFF/OME-TIFF metadata, where "
+                        "they have it); gives the CSV's µm columns and the OME-TIFF's physical size")
+    p.add_argument("--overwrite", action="store_true", help="redo images that an earlier run finished")
+    p.add_argument("--threads", type=number(int, 0), default=0, help="CPU threads (0 = all)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where the network runs (auto: a GPU when PyTorch sees one)")
+    # inference settings: unset ones come from the model folder (inference.json), else these defaults
+    g = p.add_argument_group("inference settings (default: the model folder's, else the value shown)")
+    defaults = InferenceConfig()
+    for flag, kind, text in INFERENCE_OPTIONS:
+        key = flag.lstrip("-").replace("-", "_")
+        default = getattr(defaults.thresholds if key.endswith("_threshold") else defaults, key)
+        options = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        g.add_argument(flag, default=argparse.SUPPRESS, help=f"{text} (default: {default})", **options)
 
 
 def inference_settings(args) -> dict:
@@ -219,6 +239,34 @@ def _report(result, out: str) -> int:
     return 1 if result.failed or result.unwritten else 0
 
 
+def _benchmark(args) -> int:
+    import torch
+
+    from nucleiseg.benchmark import benchmark
+    from nucleiseg.labelled import pair_labels
+    from nucleiseg.outputs import OutputOptions
+    from nucleiseg.segment import Segmenter
+
+    if len(args.inputs) > 2:
+        raise ValueError(f"benchmark takes IMAGES LABELS or one competition-layout folder, got {len(args.inputs)} "
+                         "paths")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pairs = pair_labels(*args.inputs)
+    outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
+    segmenter = Segmenter(args.model, device=args.device, **inference_settings(args))
+    result = benchmark(pairs, args.out, segmenter, args.diameter, outputs, OutputOptions(args.format, args.pixel_size),
+                       args.overwrite, args.worst)
+    report = result.report
+    print(f"DSB score {report.dsb_score:.4f} (AP@0.5 {report.ap50:.4f}, F1@0.5 {report.f1_50:.4f}) on "
+          f"{report.n_images} images, {report.n_pred} nuclei found of {report.n_true}; per image in "
+          f"{Path(args.out) / 'benchmark.csv'}, worst images in {Path(args.out) / 'worst.png'}")
+    if result.batch.failed:
+        print(f"{len(result.batch.failed)} images failed and are not scored; listed in "
+              f"{Path(args.out) / 'failures.csv'}", file=sys.stderr)
+    return 1 if result.batch.failed else 0
+
+
 def _parse_overrides(pairs: list[str]) -> dict:
     overrides: dict = {}
     for pair in pairs:
@@ -249,6 +297,8 @@ def _train(args) -> int:
     from nucleiseg.config import TrainConfig, from_dict
     from nucleiseg.train import fit
 
+    if args.init_from or args.images or args.labels:
+        return _finetune(args)
     if args.resume:
         if args.config:
             raise ValueError("--resume takes the config saved in the run folder; drop --config")
@@ -262,6 +312,26 @@ def _train(args) -> int:
         cfg = from_dict(TrainConfig, _merge(asdict(from_dict(TrainConfig, values)), _parse_overrides(args.set)))
     model_dir = fit(cfg, args.out, resume=args.resume)
     print(f"best model in {model_dir}")
+    return 0
+
+
+def _finetune(args) -> int:
+    from dataclasses import asdict
+
+    from nucleiseg.config import TrainConfig, from_dict
+    from nucleiseg.finetune import finetune, finetune_config
+    from nucleiseg.labelled import pair_labels
+
+    if not (args.init_from and args.images):
+        raise ValueError("fine-tuning takes --from MODEL and --images (with --labels unless the images folder "
+                         "has the competition layout)")
+    if args.config or args.resume:
+        raise ValueError("--from starts a new fine-tune with its own recipe (change it with --set); drop --config "
+                         "and --resume")
+    cfg = finetune_config(args.init_from)
+    cfg = from_dict(TrainConfig, _merge(asdict(cfg), _parse_overrides(args.set)))
+    folder = finetune(pair_labels(args.images, args.labels), args.out, cfg)
+    print(f"fine-tuned model in {folder}; use it with --model {folder}")
     return 0
 
 
@@ -368,8 +438,8 @@ def _export(args) -> int:
     return 0
 
 
-COMMANDS = {"export": _export, "segment": _segment, "train": _train, "tune": _tune, "evaluate": _evaluate,
-            "show": _show, "seed": _seed}
+COMMANDS = {"segment": _segment, "benchmark": _benchmark, "train": _train, "tune": _tune, "evaluate": _evaluate,
+            "show": _show, "seed": _seed, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

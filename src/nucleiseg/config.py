@@ -175,3 +175,7 @@ class TrainConfig:
     num_threads: int = 0  # torch threads (0 = torch's default)
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "mps"
     workers: int = 0  # processes that draw training patches (0 = in the training process)
+    # fine-tuning: start from this model's weights (a shipped model's name or a model folder, same network shape)
+    init_from: str = ""
+    freeze: tuple[str, ...] = ()  # parameters whose names start with one of these keep their values
+    freeze_statistics: bool = False  # BatchNorm layers keep their running statistics

@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,32 +337,53 @@ def sample_ids(root: str | os.PathLike) -> list[str]:
 def read_masks(
     mask_paths: Sequence[Path], shape: tuple[int, int], sample_id: str, overlap: str = "error"
 ) -> np.ndarray:
-    """Stack per-nucleus binary masks into one label image.
+    """Stack per-nucleus binary mask files into one label image (see ``stack_masks``)."""
+
+    def masks():
+        for mask_path in mask_paths:
+            mask = np.asarray(Image.open(mask_path))
+            yield mask_path.name, mask[..., 0] if mask.ndim == 3 else mask
+
+    return stack_masks(masks(), shape, sample_id, overlap)
+
+
+def stack_masks(
+    masks: Iterable[tuple[str, np.ndarray]], shape: tuple[int, int], sample_id: str, overlap: str = "error"
+) -> np.ndarray:
+    """Stack per-nucleus binary masks, given as (name, (H, W) array) pairs, into one label image.
 
     Two masks that share pixels raise ValueError with ``overlap="error"``; with ``overlap="warn"`` the
     shared pixels are logged and set to background, so that neither nucleus absorbs the other.
     """
     if overlap not in ("error", "warn"):
         raise ValueError(f"overlap must be 'error' or 'warn', not {overlap!r}")
-    labels = np.zeros(shape, np.uint16 if len(mask_paths) < 65535 else np.int32)
+    labels = np.zeros(shape, np.int32)
     contested = np.zeros(shape, bool)
-    for index, mask_path in enumerate(mask_paths, start=1):
-        mask = np.asarray(Image.open(mask_path))
-        mask = mask[..., 0] if mask.ndim == 3 else mask
+    names = []  # masks are used one at a time: hundreds of them need not fit in memory together
+    for index, (name, mask) in enumerate(masks, start=1):
+        names.append(name)
         if mask.shape != shape:
-            raise ValueError(f"{sample_id}: mask {mask_path.name} is {mask.shape}, image is {shape}")
+            raise ValueError(f"{sample_id}: mask {name} is {mask.shape}, image is {shape}")
         mask = mask > 0
         clash = labels[mask]
         if clash.any():
-            other = mask_paths[int(clash[clash > 0][0]) - 1].name
-            message = f"{sample_id}: masks {other} and {mask_path.name} overlap ({int((clash > 0).sum())} px)"
+            other = names[int(clash[clash > 0][0]) - 1]
+            message = f"{sample_id}: masks {other} and {name} overlap ({int((clash > 0).sum())} px)"
             if overlap == "error":
                 raise ValueError(message)
             log.warning("%s; shared pixels set to background", message)
             contested |= mask & (labels > 0)
         labels[mask] = index
     labels[contested] = 0
-    return labels
+    return labels.astype(np.uint16) if len(names) < 65535 else labels
+
+
+def read_sample_image(path: str | os.PathLike) -> np.ndarray:
+    """An image as training and scoring use it: RGB uint8, or gray; an alpha channel is dropped."""
+    image = read_image(path)
+    if image.ndim == 3:
+        image = to_rgb_uint8(image) if image.dtype == np.uint8 else image[..., :3]
+    return image
 
 
 def load_sample(sample_dir: str | os.PathLike, overlap: str = "error") -> Sample:
@@ -370,9 +391,7 @@ def load_sample(sample_dir: str | os.PathLike, overlap: str = "error") -> Sample
 
     ``overlap`` says what to do when two masks share pixels (see read_masks)."""
     sample_dir = Path(sample_dir)
-    image = read_image(sample_dir / "images" / f"{sample_dir.name}.png")
-    if image.ndim == 3:
-        image = to_rgb_uint8(image) if image.dtype == np.uint8 else image[..., :3]
+    image = read_sample_image(sample_dir / "images" / f"{sample_dir.name}.png")
     mask_paths = sorted((sample_dir / "masks").glob("*.png"))
     labels = read_masks(mask_paths, image.shape[:2], sample_dir.name, overlap) if mask_paths else None
     return Sample(sample_dir.name, image, labels)

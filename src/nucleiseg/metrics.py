@@ -65,6 +65,14 @@ def match(true: np.ndarray, pred: np.ndarray) -> ImageMatch:
     return ImageMatch(ious=iou[iou > 0.5], n_true=iou.shape[0], n_pred=iou.shape[1])
 
 
+def unmatched(true: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of the true nuclei no prediction matches (misses) and of the predicted ones that match no true
+    nucleus (false nuclei), at IoU > ``threshold``."""
+    iou = iou_matrix(np.asarray(true), np.asarray(pred)) > threshold
+    true_ids, pred_ids = (np.unique(a)[np.unique(a) != 0] for a in (true, pred))
+    return true_ids[~iou.any(axis=1)], pred_ids[~iou.any(axis=0)]
+
+
 @dataclass
 class Report:
     """Scores over a set of images. ``ap50``/``ap75`` pool TP, FP, FN over all images (StarDist, Cellpose)."""

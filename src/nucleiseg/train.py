@@ -146,11 +146,24 @@ def read_history(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def fit(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> Path:
+def start_from(network: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Load the weights of the model ``cfg.init_from`` into ``network``; its shape and scale must be cfg's."""
+    from nucleiseg.model import load_model
+
+    base = load_model(cfg.init_from)
+    if base.config != cfg.model or base.target_diameter != cfg.data.target_diameter:
+        raise ValueError(f"{cfg.init_from}: network {base.config} at diameter {base.target_diameter} differs from "
+                         f"the config's {cfg.model} at {cfg.data.target_diameter}")
+    network.load_state_dict(base.network.state_dict(), strict=True)
+
+
+def fit(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
+        samples: tuple[list[Sample], list[Sample]] | None = None) -> Path:
     """Train a model as ``cfg`` says, in ``run_dir``; with ``resume`` continue from its checkpoint.
 
     On resume, ``cfg`` None keeps the run's saved config; a config given replaces it (more epochs extend
-    the cosine schedule from where the run is). Returns the folder of the best model.
+    the cosine schedule from where the run is). ``samples`` (training, validation) replaces the data of
+    ``cfg.data`` (a fine-tune on the user's images). Returns the folder of the best model.
     """
     from nucleiseg.segment import Segmenter
 
@@ -169,7 +182,7 @@ def fit(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = Fals
         torch.set_num_threads(cfg.num_threads)
 
     torch.manual_seed(cfg.seed)
-    train_samples, val_samples = load_split(cfg, progress)
+    train_samples, val_samples = samples or load_split(cfg, progress)
     if cfg.eval_images:
         val_samples = val_samples[: cfg.eval_images]
     log.info("%d training and %d validation images", len(train_samples), len(val_samples))
@@ -180,8 +193,14 @@ def fit(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = Fals
     sampler = PatchSampler(images, cfg.data.patch_size, cfg.augment, cfg.seed, cfg.data.target_diameter)
     device = select_device(cfg.device)
     log.info("training on %s", device)
-    network = build_model(cfg.model).to(device)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    network = build_model(cfg.model)
+    if cfg.init_from and not resume:
+        start_from(network, cfg)
+    for name, parameter in network.named_parameters():
+        parameter.requires_grad = not name.startswith(cfg.freeze)
+    network = network.to(device)
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "minutes": 0.0, "best": -1.0, "snapshots": []}
     if resume:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
@@ -206,6 +225,10 @@ def fit(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = Fals
             break
         started = time.perf_counter()
         network.train()
+        if cfg.freeze_statistics:
+            for module in network.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         losses = []
         batches = epoch_batches(sampler, cfg, epoch)
         bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)

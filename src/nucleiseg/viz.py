@@ -67,6 +67,36 @@ def comparison_figure(
     _save_figure(fig, path)
 
 
+def mark(rgb: np.ndarray, labels: np.ndarray, marked: np.ndarray, colour=(255, 255, 0)) -> np.ndarray:
+    """Tint the nuclei of ``labels`` listed in ``marked`` with ``colour`` (half opacity), on a copy of ``rgb``."""
+    rgb = rgb.copy()
+    inside = np.isin(labels, marked) & (labels > 0)
+    rgb[inside] = (rgb[inside] // 2 + np.asarray(colour, np.uint8) // 2).astype(np.uint8)
+    return rgb
+
+
+def error_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str | os.PathLike) -> None:
+    """One row per image: image / truth with the missed nuclei tinted / prediction with the false nuclei
+    tinted yellow (no match at IoU > 0.5: visible on fluorescence and on H&E). ``rows`` holds (title, image,
+    true labels, predicted labels)."""
+    from nucleiseg.metrics import unmatched
+
+    fig = Figure(figsize=(12, 4 * len(rows)))
+    axes = fig.subplots(len(rows), 3, squeeze=False)
+    for ax_row, (title, image, true, pred) in zip(axes, rows, strict=True):
+        missed, false = unmatched(true, pred)
+        panels = [
+            (to_rgb_uint8(image), title),
+            (mark(overlay(image, true), true, missed), f"truth: {len(missed)} of {len(np.unique(true)) - 1} missed"),
+            (mark(overlay(image, pred), pred, false), f"prediction: {len(false)} of {len(np.unique(pred)) - 1} false"),
+        ]
+        for ax, (picture, name) in zip(ax_row, panels, strict=True):
+            ax.imshow(picture)
+            ax.set_title(name, fontsize=9)
+            ax.axis("off")
+    _save_figure(fig, path)
+
+
 def plot_history(history: Sequence[dict], path: str | os.PathLike, x_key: str = "epoch") -> None:
     """Training loss (and validation loss or score, where given) per epoch (rows as in history.csv) -> PNG."""
     fig = Figure(figsize=(7, 4))
