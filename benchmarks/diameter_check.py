@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 
 from nucleiseg.config import TrainConfig
-from nucleiseg.data import image_type
+from nucleiseg.data import image_type, load_split
 from nucleiseg.metrics import evaluate
 from nucleiseg.segment import Segmenter
 from nucleiseg.targets import median_diameter
-from nucleiseg.train import load_split
 
 
 def main() -> None:

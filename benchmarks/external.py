@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from nucleiseg.config import TrainConfig, load_json
-from nucleiseg.data import image_type
+from nucleiseg.data import image_type, load_split, select_samples
 from nucleiseg.metrics import evaluate
 from nucleiseg.segment import Segmenter
 from nucleiseg.targets import median_diameter
-from nucleiseg.train import load_split, select_samples
 
 REPO = Path(__file__).resolve().parents[1]
 EXTERNAL = {"tnbc 09-11": ["../shared/data/tnbc/tnbc_09_*", "../shared/data/tnbc/tnbc_1[01]_*"],

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from nucleiseg.data import select_samples
 from nucleiseg.finetune import finetune, finetune_config
 from nucleiseg.labelled import pair_labels
 from nucleiseg.segment import Segmenter
-from nucleiseg.train import select_samples
 
 sys.path.insert(0, str(Path(__file__).parent))
 from external import EXTERNAL, score_set  # noqa: E402

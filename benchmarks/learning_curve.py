@@ -13,8 +13,9 @@ import csv
 from pathlib import Path
 
 from nucleiseg.config import PostprocessConfig, TrainConfig, load_json
+from nucleiseg.data import load_split
+from nucleiseg.metrics import score
 from nucleiseg.segment import Segmenter
-from nucleiseg.train import load_split, score
 
 
 def main() -> None:

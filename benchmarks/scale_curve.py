@@ -18,12 +18,11 @@ from collections import defaultdict
 import numpy as np
 
 from nucleiseg.config import TrainConfig, load_json
-from nucleiseg.data import image_type, rescale
+from nucleiseg.data import image_type, load_split, rescale
 from nucleiseg.metrics import evaluate
 from nucleiseg.model import TRAIN_CONFIG, model_folder
 from nucleiseg.segment import Segmenter
 from nucleiseg.targets import median_diameter
-from nucleiseg.train import load_split
 
 
 def main() -> None:

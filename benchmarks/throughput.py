@@ -24,11 +24,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nucleiseg.config import TrainConfig, load_json
-from nucleiseg.data import PatchSampler, prepare_training_image
+from nucleiseg.data import PatchSampler, load_split, prepare_training_image
 from nucleiseg.io import load_dataset
 from nucleiseg.model import build_model
 from nucleiseg.segment import Segmenter
-from nucleiseg.train import load_split, loss_fn
+from nucleiseg.train import loss_fn
 
 TEST_ROOT = "../shared/data/dsb2018/stage1_test"
 

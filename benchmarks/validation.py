@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 from nucleiseg.config import TrainConfig
-from nucleiseg.data import image_type
+from nucleiseg.data import image_type, load_split
 from nucleiseg.metrics import evaluate
 from nucleiseg.seed import SeedConfig, load_seed_network, predict_seed, resize_images, train_seed
 from nucleiseg.segment import Segmenter
-from nucleiseg.train import load_split
 
 KEYS = ("dsb_score", "ap50", "ap75", "f1_50")
 

@@ -337,8 +337,8 @@ def _finetune(args) -> int:
 
 def _tune(args) -> int:
     from nucleiseg.config import TrainConfig, load_json, save_json
+    from nucleiseg.data import load_split
     from nucleiseg.model import TRAIN_CONFIG, load_model, model_folder
-    from nucleiseg.train import load_split
     from nucleiseg.tune import tune_thresholds
 
     folder = model_folder(args.model)
@@ -398,11 +398,11 @@ def _show(args) -> int:
 
 def _seed(args) -> int:
     from nucleiseg.config import TrainConfig
+    from nucleiseg.data import validation_split
     from nucleiseg.io import load_dataset
     from nucleiseg.metrics import evaluate
     from nucleiseg.rle import write_submission
     from nucleiseg.seed import SeedConfig, predict_seed, resize_images, train_seed
-    from nucleiseg.train import validation_split
     from nucleiseg.viz import comparison_figure, plot_history
 
     cfg = SeedConfig(height=args.height, width=args.width, channels=args.channels, epochs=args.epochs)

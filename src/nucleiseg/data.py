@@ -8,15 +8,17 @@ The network sees one channel, the nuclear signal, always bright on dark:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from fnmatch import fnmatch
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import color, transform
 
 # images are rescaled by at most MIN_SCALE..MAX_SCALE (defined with the other inference defaults)
-from nucleiseg.config import MAX_SCALE, MIN_SCALE, AugmentConfig
-from nucleiseg.io import LUMINANCE, Sample, to_gray, to_rgb_uint8
+from nucleiseg.config import MAX_SCALE, MIN_SCALE, AugmentConfig, TrainConfig
+from nucleiseg.io import LUMINANCE, Sample, load_dataset, sample_ids, to_gray, to_rgb_uint8
 from nucleiseg.targets import make_targets, median_diameter, nucleus_diameters
 
 # the size output codes log2(nucleus diameter / target diameter) in [-SIZE_RANGE, SIZE_RANGE] as [0, 1]
@@ -237,3 +239,35 @@ class PatchSampler:
         if rng.random() < aug.noise_prob:
             x = x + rng.normal(0, rng.uniform(0, aug.noise_std), x.shape).astype(np.float32)
         return x.astype(np.float32)
+
+
+def validation_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split by image with a fixed seed, stratified by image type so that rare types appear in both parts."""
+    rng = np.random.default_rng(seed)
+    kinds = [image_type(s.image) for s in samples]
+    val_ids = set()
+    for kind in sorted(set(kinds)):
+        members = sorted(s.id for s, k in zip(samples, kinds, strict=True) if k == kind)
+        count = max(1, round(fraction * len(members))) if fraction > 0 else 0
+        val_ids.update(rng.permutation(members)[:count].tolist())
+    return [s for s in samples if s.id not in val_ids], [s for s in samples if s.id in val_ids]
+
+
+def select_samples(spec: str, progress: bool = True) -> list[Sample]:
+    """Samples of a competition-layout folder whose ids match a pattern: ``"folder/pattern"``."""
+    folder, pattern = os.path.split(spec)
+    ids = [i for i in sample_ids(folder) if fnmatch(i, pattern)] if os.path.isdir(folder) else []
+    if not ids:
+        raise ValueError(f"{spec}: no image folder of {folder!r} matches {pattern!r}")
+    return load_dataset(folder, ids, progress=progress)
+
+
+def load_split(cfg: TrainConfig, progress: bool = True) -> tuple[list[Sample], list[Sample]]:
+    """Training and validation samples: the split of ``cfg.data.root`` plus the extra folders."""
+    samples = load_dataset(cfg.data.root, progress=progress)
+    train, val = validation_split(samples, cfg.data.val_fraction, cfg.data.split_seed)
+    for spec in cfg.data.extra_train:
+        train += select_samples(spec, progress)
+    for spec in cfg.data.extra_val:
+        val += select_samples(spec, progress)
+    return train, val

@@ -22,10 +22,11 @@ import os
 from pathlib import Path
 
 from nucleiseg.config import TrainConfig
+from nucleiseg.data import validation_split
 from nucleiseg.io import Sample
 from nucleiseg.labelled import LabelledImage
 from nucleiseg.model import ModelBundle, load_model, save_model
-from nucleiseg.train import fit, validation_split
+from nucleiseg.train import fit
 from nucleiseg.tune import tune_thresholds
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from tqdm import tqdm
+
+from nucleiseg.targets import median_diameter
 
 DSB_THRESHOLDS = tuple(np.round(np.arange(0.5, 1.0, 0.05), 2))
 
@@ -141,3 +144,14 @@ def evaluate(pairs: Iterable[tuple[str, np.ndarray, np.ndarray]]) -> Report:
         n_pred=sum(m.n_pred for m in matches.values()),
         per_image=per_image,
     )
+
+
+def score(segmenter, samples: list, true_diameter: bool = False, progress: bool = False) -> Report:
+    """Segment samples (``io.Sample``) with ``segmenter`` and score them. ``true_diameter`` uses each image's
+    true median nucleus diameter instead of the estimate (during training, where only the network is judged)."""
+    def pairs():
+        for s in tqdm(samples, desc="scoring", unit="img", disable=not progress, leave=False):
+            diameter = median_diameter(s.labels) if true_diameter else None
+            yield s.id, s.labels, segmenter.segment(s.image, diameter=diameter or None).labels
+
+    return evaluate(pairs())

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import expit
 
 from nucleiseg.config import InferenceConfig
 
@@ -97,7 +98,7 @@ class OnnxPredictor:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run(["logits"], {"input": np.ascontiguousarray(batch, np.float32)})
-        return 1 / (1 + np.exp(-logits))
+        return expit(logits)  # the sigmoid without overflow on large negative logits
 
 
 def onnx_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:

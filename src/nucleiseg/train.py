@@ -14,7 +14,6 @@ import math
 import os
 import time
 from dataclasses import asdict
-from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -23,47 +22,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nucleiseg.config import TrainConfig, load_json, save_json
-from nucleiseg.data import PatchSampler, image_type, prepare_training_image
-from nucleiseg.io import Sample, atomic_path, load_dataset, sample_ids
-from nucleiseg.metrics import Report, evaluate
+from nucleiseg.data import PatchSampler, load_split, prepare_training_image
+from nucleiseg.io import Sample, atomic_path
+from nucleiseg.metrics import score
 from nucleiseg.model import ModelBundle, build_model, save_model, select_device
-from nucleiseg.targets import median_diameter
 
 log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ["epoch", "step", "minutes", "lr", "train_loss", "val_dsb", "val_ap50"]
-
-
-def validation_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Split by image with a fixed seed, stratified by image type so that rare types appear in both parts."""
-    rng = np.random.default_rng(seed)
-    kinds = [image_type(s.image) for s in samples]
-    val_ids = set()
-    for kind in sorted(set(kinds)):
-        members = sorted(s.id for s, k in zip(samples, kinds, strict=True) if k == kind)
-        count = max(1, round(fraction * len(members))) if fraction > 0 else 0
-        val_ids.update(rng.permutation(members)[:count].tolist())
-    return [s for s in samples if s.id not in val_ids], [s for s in samples if s.id in val_ids]
-
-
-def select_samples(spec: str, progress: bool = True) -> list[Sample]:
-    """Samples of a competition-layout folder whose ids match a pattern: ``"folder/pattern"``."""
-    folder, pattern = os.path.split(spec)
-    ids = [i for i in sample_ids(folder) if fnmatch(i, pattern)] if os.path.isdir(folder) else []
-    if not ids:
-        raise ValueError(f"{spec}: no image folder of {folder!r} matches {pattern!r}")
-    return load_dataset(folder, ids, progress=progress)
-
-
-def load_split(cfg: TrainConfig, progress: bool = True) -> tuple[list[Sample], list[Sample]]:
-    """Training and validation samples: the split of ``cfg.data.root`` plus the extra folders."""
-    samples = load_dataset(cfg.data.root, progress=progress)
-    train, val = validation_split(samples, cfg.data.val_fraction, cfg.data.split_seed)
-    for spec in cfg.data.extra_train:
-        train += select_samples(spec, progress)
-    for spec in cfg.data.extra_val:
-        val += select_samples(spec, progress)
-    return train, val
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, dice_weight: float, size_weight: float = 1.0) -> torch.Tensor:
@@ -117,17 +83,6 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def score(segmenter, samples: list[Sample], true_diameter: bool = False, progress: bool = False) -> Report:
-    """Segment samples and score them. ``true_diameter`` uses each image's true median nucleus diameter
-    instead of the estimate (used during training, where only the network is being judged)."""
-    def pairs():
-        for s in tqdm(samples, desc="scoring", unit="img", disable=not progress, leave=False):
-            diameter = median_diameter(s.labels) if true_diameter else None
-            yield s.id, s.labels, segmenter.segment(s.image, diameter=diameter or None).labels
-
-    return evaluate(pairs())
 
 
 def write_history_row(path: Path, row: dict) -> None:
