@@ -23,6 +23,14 @@ from batch_memory import TEST_ROOT, segment_peak_rss
 from nucleiseg.io import load_sample, sample_ids
 
 
+def mosaic(image_prefix: str, side: int) -> np.ndarray:
+    """A side x side RGB image tiled from the stage1_test image whose id starts with ``image_prefix``."""
+    image_id = next(i for i in sample_ids(TEST_ROOT) if i.startswith(image_prefix))
+    tile = load_sample(f"{TEST_ROOT}/{image_id}").image[..., :3]
+    reps = (-(-side // tile.shape[0]), -(-side // tile.shape[1]), 1)
+    return np.tile(tile, reps)[:side, :side]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--side", type=int, default=10000)
@@ -30,10 +38,7 @@ def main() -> None:
     parser.add_argument("--image", default="8b59819fbc92", help="prefix of the stage1_test image id to tile")
     args = parser.parse_args()
 
-    image_id = next(i for i in sample_ids(TEST_ROOT) if i.startswith(args.image))
-    tile = load_sample(f"{TEST_ROOT}/{image_id}").image[..., :3]
-    reps = (-(-args.side // tile.shape[0]), -(-args.side // tile.shape[1]), 1)
-    image = np.tile(tile, reps)[: args.side, : args.side]
+    image = mosaic(args.image, args.side)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.tif"
         tifffile.imwrite(path, image)

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from batch_memory import TEST_ROOT
+from big_image import mosaic
 
 from nucleiseg.bigimage import segment_large
-from nucleiseg.io import load_sample, sample_ids
 from nucleiseg.metrics import match
 from nucleiseg.segment import Segmenter
 
@@ -35,15 +34,12 @@ def main() -> None:
     parser.add_argument("--image", default="8b59819fbc92", help="prefix of the stage1_test image id to tile")
     args = parser.parse_args()
 
-    image_id = next(i for i in sample_ids(TEST_ROOT) if i.startswith(args.image))
-    tile = load_sample(f"{TEST_ROOT}/{image_id}").image[..., :3]
-    reps = (-(-args.side // tile.shape[0]), -(-args.side // tile.shape[1]), 1)
-    image = np.tile(tile, reps)[: args.side, : args.side]
+    image = mosaic(args.image, args.side)
     segmenter = Segmenter()
     started = time.perf_counter()
     whole = segmenter.segment(image)
     whole_s = time.perf_counter() - started
-    print(f"{args.side} x {args.side} mosaic of {image_id[:12]}: single process {whole_s:.0f} s, "
+    print(f"{args.side} x {args.side} mosaic of {args.image}: single process {whole_s:.0f} s, "
           f"{whole.labels.max()} nuclei, diameter {whole.diameter:.1f} px, scale {whole.scale:.3f}")
     client = cluster = None
     if args.workers:

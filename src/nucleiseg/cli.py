@@ -165,16 +165,24 @@ def inference_settings(args) -> dict:
     return {key: getattr(args, key) for key in keys if hasattr(args, key)}
 
 
-def _segment(args) -> int:
+def _segment_setup(args):
+    """What ``segment`` and ``benchmark`` share: the threads, the segmenter, the outputs and their options."""
     import torch
 
-    from nucleiseg.batch import segment_batch
-    from nucleiseg.io import find_images
     from nucleiseg.outputs import OutputOptions
     from nucleiseg.segment import Segmenter
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    segmenter = Segmenter(args.model, device=args.device, **inference_settings(args))
+    outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
+    return segmenter, outputs, OutputOptions(args.format, args.pixel_size)
+
+
+def _segment(args) -> int:
+    from nucleiseg.batch import segment_batch
+    from nucleiseg.io import find_images
+
     out = os.path.realpath(args.out)
     for item in args.inputs:
         folder = item if os.path.isdir(item) else os.path.dirname(item) or "."
@@ -183,12 +191,9 @@ def _segment(args) -> int:
                              "(and be taken for images on the next run); choose another output folder")
     if args.dask or args.large:
         return _segment_scaled(args)
-    paths = find_images(args.inputs)
-    outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
-    segmenter = Segmenter(args.model, device=args.device, **inference_settings(args))
-    options = OutputOptions(args.format, args.pixel_size)
-    result = segment_batch(paths, args.out, segmenter, args.diameter, outputs, options, args.overwrite,
-                           channel=args.channel)
+    segmenter, outputs, options = _segment_setup(args)
+    result = segment_batch(find_images(args.inputs), args.out, segmenter, args.diameter, outputs, options,
+                           args.overwrite, channel=args.channel)
     return _report(result, args.out)
 
 
@@ -197,10 +202,8 @@ def _segment_scaled(args) -> int:
     from contextlib import ExitStack
 
     from nucleiseg.io import find_images
-    from nucleiseg.outputs import OutputOptions
-    from nucleiseg.segment import Segmenter
 
-    segmenter = Segmenter(args.model, device=args.device, **inference_settings(args))
+    segmenter, outputs, options = _segment_setup(args)
     with ExitStack() as stack:
         client = None
         if args.dask:
@@ -222,10 +225,8 @@ def _segment_scaled(args) -> int:
             return 0
         from nucleiseg.cluster import segment_on_cluster
 
-        outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
         result = segment_on_cluster(find_images(args.inputs), args.out, segmenter, client, args.diameter, outputs,
-                                    OutputOptions(args.format, args.pixel_size), args.overwrite,
-                                    channel=args.channel)
+                                    options, args.overwrite, channel=args.channel)
     return _report(result, args.out)
 
 
@@ -240,23 +241,15 @@ def _report(result, out: str) -> int:
 
 
 def _benchmark(args) -> int:
-    import torch
-
     from nucleiseg.benchmark import benchmark
     from nucleiseg.labelled import pair_labels
-    from nucleiseg.outputs import OutputOptions
-    from nucleiseg.segment import Segmenter
 
     if len(args.inputs) > 2:
         raise ValueError(f"benchmark takes IMAGES LABELS or one competition-layout folder, got {len(args.inputs)} "
                          "paths")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     pairs = pair_labels(*args.inputs)
-    outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
-    segmenter = Segmenter(args.model, device=args.device, **inference_settings(args))
-    result = benchmark(pairs, args.out, segmenter, args.diameter, outputs, OutputOptions(args.format, args.pixel_size),
-                       args.overwrite, args.worst)
+    segmenter, outputs, options = _segment_setup(args)
+    result = benchmark(pairs, args.out, segmenter, args.diameter, outputs, options, args.overwrite, args.worst)
     report = result.report
     print(f"DSB score {report.dsb_score:.4f} (AP@0.5 {report.ap50:.4f}, F1@0.5 {report.f1_50:.4f}) on "
           f"{report.n_images} images, {report.n_pred} nuclei found of {report.n_true}; per image in "
