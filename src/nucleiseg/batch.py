@@ -38,7 +38,8 @@ from nucleiseg.segment import Segmentation, Segmenter
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FIELDS = ["image", "nuclei", "median_area", "diameter", "diameter_estimated", "scale", "path"]
+SUMMARY_FIELDS = ["image", "nuclei", "median_area", "diameter", "diameter_estimated", "scale", "quality", "flagged",
+                  "path"]
 LOCK_NAME = ".nucleiseg.lock"
 RECORD_SUFFIX = ".done.json"
 
@@ -175,7 +176,8 @@ def _finished(record_path: Path, path: Path, key: str) -> dict | None:
 
 
 def folder_summary(out_dir: Path) -> list[dict]:
-    """The summary rows of every image of ``out_dir`` that has a record and all its outputs, by name."""
+    """The summary rows of every image of ``out_dir`` that has a record and all its outputs: the images
+    flagged for checking first (lowest estimated quality first), then the others by name."""
     rows = []
     for record_path in sorted(out_dir.glob(f"*{RECORD_SUFFIX}")):
         try:
@@ -184,7 +186,7 @@ def folder_summary(out_dir: Path) -> list[dict]:
                 rows.append(record["summary"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a record of ours: it describes no output
-    return rows
+    return sorted(rows, key=lambda row: (not row.get("flagged"), row.get("quality") if row.get("flagged") else 0))
 
 
 def summary_row(name: str, path: Path, result: Segmentation) -> dict:
@@ -198,6 +200,8 @@ def summary_row(name: str, path: Path, result: Segmentation) -> dict:
         "diameter": round(result.diameter, 3),
         "diameter_estimated": result.diameter_estimated,
         "scale": round(result.scale, 4),
+        "quality": result.quality,
+        "flagged": result.flagged,
         "path": str(path),
     }
 

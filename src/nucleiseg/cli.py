@@ -235,6 +235,11 @@ def _report(result, out: str) -> int:
     total = sum(row["nuclei"] for row in result.done)
     print(f"{len(result.done)} images segmented ({result.skipped} already done), {len(result.failed)} failed, "
           f"{total} nuclei; results in {out}")
+    flagged = sorted((row for row in result.done if row.get("flagged")), key=lambda row: row["quality"])
+    if flagged:
+        names = ", ".join(f"{row['image']} ({row['quality']:.2f})" for row in flagged[:10])
+        more = f" and {len(flagged) - 10} more" if len(flagged) > 10 else ""
+        print(f"{len(flagged)} images to check (estimated score low, listed first in summary.csv): {names}{more}")
     if result.failed:
         print(f"failures listed in {Path(out) / 'failures.csv'}", file=sys.stderr)
     return 1 if result.failed or result.unwritten else 0

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from nucleiseg.config import InferenceConfig
-from nucleiseg.data import decode_size, prepare_input, scale_factor
+from nucleiseg.data import STAIN, decode_size, input_kind, prepare_input, scale_factor
 from nucleiseg.io import ImageMetadata, ImageReadError, check_image, read_image, read_metadata, to_gray
 from nucleiseg.model import DEFAULT_MODEL, ModelBundle, load_model, select_device
 from nucleiseg.postprocess import instances
 from nucleiseg.predict import Predictor, make_predictor, predict_probabilities
+from nucleiseg.quality import load_quality, quality_signals
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,12 @@ class Segmentation:
     image: np.ndarray | None = None  # the image as given or read: (H, W) or (H, W, C), its own dtype
     metadata: ImageMetadata = field(default_factory=ImageMetadata)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: read, predict, postprocess
+    # what the quality estimate is made of (``quality.quality_signals``); the estimated competition score in
+    # [0, 1] and whether it is low enough that a person should check the image (None for a model folder
+    # without quality.json)
+    signals: dict[str, float] = field(default_factory=dict)
+    quality: float | None = None
+    flagged: bool | None = None
 
 
 class Segmenter:
@@ -103,6 +110,7 @@ class Segmenter:
         if predictor is None:
             self.bundle.network.to(select_device(device))
         self.predictor = predictor or make_predictor(self.bundle, self.config)
+        self.quality = load_quality(self.bundle.folder)
 
     def __reduce__(self):
         if self.source is None or self.custom_predictor:
@@ -129,7 +137,7 @@ class Segmenter:
             digest.update(tensor.cpu().numpy().tobytes())
         return {"version": nucleiseg.__version__, "architecture": self.bundle.architecture,
                 "weights": digest.hexdigest()[:16], "predictor": type(self.predictor).__name__,
-                "inference": asdict(self.config)}
+                "inference": asdict(self.config), "quality": self.quality and asdict(self.quality)}
 
     def check_diameter(self, diameter: float) -> None:
         """Raise ValueError for a diameter that is not a positive number or that no rescaling within the
@@ -240,9 +248,14 @@ class Segmenter:
         if diameter is None:
             log.info("no nucleus found while estimating the diameter; using %.0f px", self.target_diameter)
         labels = instances(probabilities, self.thresholds, diameter or self.target_diameter)
-        timings = {"predict": predicted - started, "postprocess": time.perf_counter() - predicted}
-        return Segmentation(labels, diameter or self.target_diameter, scale, not given and diameter is not None,
-                            image=image, timings=timings)
+        result = Segmentation(labels, diameter or self.target_diameter, scale, not given and diameter is not None,
+                              image=image)
+        result.signals = quality_signals(probabilities, labels, self.target_diameter, scale, input_kind(image) == STAIN)
+        if self.quality is not None:
+            result.quality = round(self.quality.estimate(result.signals), 4)
+            result.flagged = self.quality.flagged(result.quality)
+        result.timings = {"predict": predicted - started, "postprocess": time.perf_counter() - predicted}
+        return result
 
     def segment_file(self, path: str | os.PathLike, diameter: float | None = None, channel: int | None = None
                      ) -> Segmentation:
