@@ -116,8 +116,10 @@ def get_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a model for another runtime", formatter_class=formatter)
     p.add_argument("model", help="shipped model name or model folder")
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
-    p.add_argument("--out", required=True, help="file to write (model.onnx in a model folder: --engine onnx)")
+    p.add_argument("--format", choices=["onnx", "bioimageio"], default="onnx",
+                   help="export format: onnx (one file) or bioimageio (a bioimage.io model package folder)")
+    p.add_argument("--out", required=True, help="onnx: file to write (model.onnx in a model folder: --engine onnx); "
+                                                "bioimageio: new folder to write the package into")
 
     p = sub.add_parser("seed", help="run the classic 128x128 U-Net recipe end to end", formatter_class=formatter)
     p.add_argument("--train", default=DEFAULT_TRAIN, help="training folder (competition layout)")
@@ -428,10 +430,11 @@ def _seed(args) -> int:
 
 
 def _export(args) -> int:
-    from nucleiseg.export import export_onnx
+    from nucleiseg.export import export_bioimageio, export_onnx
     from nucleiseg.model import load_model
 
-    export_onnx(load_model(args.model), args.out)
+    export = export_bioimageio if args.format == "bioimageio" else export_onnx
+    export(load_model(args.model), args.out)
     print(f"wrote {args.out}")
     return 0
 
