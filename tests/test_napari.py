@@ -62,10 +62,10 @@ def _write_label_output(folder: Path, sample, outputs: tuple[str, ...]) -> Path:
 @pytest.mark.parametrize("outputs", [("labels",), ("ome-tiff",)])
 def test_reader_opens_label_outputs_with_their_pixel_size(tmp_path, validation_samples, outputs):
     sample = validation_samples[0]
-    name = _write_label_output(tmp_path, sample, outputs).name
-    reader = get_reader(str(tmp_path / name))
+    path = str(_write_label_output(tmp_path, sample, outputs))
+    reader = get_reader(path)
     assert reader is not None
-    ((data, kwargs, kind),) = reader(str(tmp_path / name))
+    ((data, kwargs, kind),) = reader(path)
     assert kind == "labels" and kwargs["name"] == "cells"
     assert np.array_equal(data, sample.labels)
     assert kwargs.get("scale") == (pytest.approx((0.3, 0.3)) if outputs == ("ome-tiff",) else None)
