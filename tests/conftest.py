@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ VALIDATION = REPO / "tests" / "data" / "validation"  # 5 real validation images 
 DSB = REPO.parent / "shared" / "data" / "dsb2018"
 TRAIN = DSB / "stage1_train"
 TEST = DSB / "stage1_test"
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # the napari tests: no window, before Qt starts
 
 
 @pytest.fixture(autouse=True)

@@ -59,6 +59,7 @@ def segment_widget():
     from napari.layers import Image
     from napari.qt.threading import FunctionWorker, thread_worker
     from napari.types import LayerDataTuple
+    from qtpy.QtCore import QTimer
 
     @magicgui(call_button="Segment nuclei", diameter={"min": 0.0, "max": 1000.0, "label": "diameter (0 = estimate)"})
     def widget(image: Image, diameter: float = 0.0, model: str = "default") -> FunctionWorker[LayerDataTuple]:
@@ -66,7 +67,11 @@ def segment_widget():
         def run() -> LayerDataTuple:
             return segment_layer(image.data, diameter, model, image.scale, image.translate)
 
-        return run()
+        # napari connects the worker's `returned` to adding the layer but does not start it; starting it from
+        # the event loop, after that connection, cannot lose a result that comes back first
+        worker = run()
+        QTimer.singleShot(0, worker.start)
+        return worker
 
     return widget
 
