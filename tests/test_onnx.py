@@ -49,3 +49,34 @@ def test_onnx_engine_without_an_export_is_one_error_line(tmp_path, tiny_model):
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "nucleiseg export" in done.stderr
+
+
+def test_auto_engine_runs_the_shipped_export_on_the_cpu_with_the_same_labels():
+    from nucleiseg.predict import OnnxPredictor, TorchPredictor
+
+    image = read_image(SAMPLES / "fluorescence_dense.png")
+    auto, torch_ = Segmenter(device="cpu"), Segmenter(device="cpu", engine="torch")
+    assert isinstance(auto.predictor, OnnxPredictor) and isinstance(torch_.predictor, TorchPredictor)
+    assert isinstance(Segmenter(device="cpu", bf16=True).predictor, TorchPredictor)
+    assert np.array_equal(auto.segment(image).labels, torch_.segment(image).labels)
+
+
+def test_a_stale_export_is_never_run(tmp_path, onnx_model, caplog):
+    """model.onnx exported from other weights than weights.pt (the folder was retrained since): auto runs
+    torch and says why; the onnx engine refuses."""
+    import torch
+
+    from nucleiseg.model import save_model
+    from nucleiseg.predict import TorchPredictor
+
+    folder = tmp_path / "model"
+    shutil.copytree(onnx_model, folder)
+    bundle = load_model(folder)
+    with torch.no_grad():
+        next(bundle.network.parameters()).add_(0.01)
+    save_model(folder, bundle)
+    with caplog.at_level("WARNING"):
+        assert isinstance(Segmenter(folder).predictor, TorchPredictor)
+    assert "not exported from the weights" in caplog.text
+    with pytest.raises(ValueError, match="export it again"):
+        Segmenter(folder, engine="onnx")

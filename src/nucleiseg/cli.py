@@ -44,7 +44,8 @@ INFERENCE_OPTIONS = [
     ("--bf16", bool, "run the network in bfloat16: faster on CPUs with AVX512-BF16/AMX, labels differ slightly"),
     ("--foreground-threshold", number(float, 0, 1), "foreground probability threshold"),
     ("--marker-threshold", number(float, 0, 1), "centre probability threshold of the watershed markers"),
-    ("--engine", str, "what runs the network: torch, or onnx (onnxruntime, the model folder's model.onnx)"),
+    ("--engine", str, "what runs the network: auto (onnx on the CPU where the model folder has an export of its "
+                      "weights, else torch), torch, or onnx (onnxruntime, the model folder's model.onnx)"),
 ]
 
 

@@ -130,7 +130,9 @@ class InferenceConfig:
     max_megapixels: float = MAX_MEGAPIXELS
     tta: bool = False  # average the predictions of the four flips (4x slower, slightly better)
     bf16: bool = False  # run the network in bfloat16 (faster on CPUs with AVX512-BF16 or AMX)
-    engine: str = "torch"  # predictor that runs the network (predict.PREDICTORS)
+    # predictor that runs the network (predict.PREDICTORS); "auto": onnx on the CPU where the model folder
+    # has an ONNX export of its weights (about 2.5x faster there), else torch
+    engine: str = "auto"
 
     def __post_init__(self):
         if self.tile % 16 or self.tile <= 2 * self.overlap:

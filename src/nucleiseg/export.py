@@ -21,10 +21,9 @@ from PIL import Image
 
 from nucleiseg.data import DARK_BACKGROUND, SIZE_RANGE, input_kind, normalise, prepare_input
 from nucleiseg.io import atomic_path, read_image, to_gray
-from nucleiseg.model import TRAIN_CONFIG, ModelBundle
-from nucleiseg.predict import torch_predictor
+from nucleiseg.model import TRAIN_CONFIG, ModelBundle, weights_digest
+from nucleiseg.predict import WEIGHTS_KEY, torch_predictor
 
-ONNX_FILE = "model.onnx"  # where the onnx engine looks for it in a model folder
 ONNX_OPSET = 17
 
 # the bioimage.io package's test image: a bundled gray fluorescence sample (dark background, so the package's
@@ -57,6 +56,10 @@ def export_onnx(model: ModelBundle, out: str | os.PathLike) -> None:
     The TorchScript-based exporter is used (``dynamo=False``): the dynamo one needs onnxscript, and the
     U-Net has no control flow that tracing would miss (its size check holds for every valid input).
     """
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ValueError('the onnx export needs onnx: pip install "nucleiseg[onnx]"') from exc
     network = model.network.eval().cpu()
     side = 4 * model.size_multiple
     example = torch.zeros(1, model.config.in_channels, side, side)
@@ -65,6 +68,10 @@ def export_onnx(model: ModelBundle, out: str | os.PathLike) -> None:
         torch.onnx.export(network, (example,), str(tmp), input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": dynamic, "logits": dynamic}, opset_version=ONNX_OPSET,
                           dynamo=False)
+        exported = onnx.load(str(tmp))
+        # the onnx engine checks this against the model folder's weights, so a stale export is never run
+        onnx.helper.set_model_props(exported, {WEIGHTS_KEY: weights_digest(network)})
+        onnx.save(exported, str(tmp))
 
 
 def export_bioimageio(model: ModelBundle, out_dir: str | os.PathLike) -> Path:

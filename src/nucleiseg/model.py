@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -99,6 +100,15 @@ def select_device(name: str = "auto") -> torch.device:
 
 def build_model(cfg: ModelConfig) -> UNet:
     return UNet(cfg.in_channels, cfg.out_channels, cfg.base_channels, cfg.depth)
+
+
+def weights_digest(network: nn.Module) -> str:
+    """A short hash of a network's weights: names what a record or an ONNX export was made with."""
+    digest = hashlib.sha1()
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # architecture name (model.json) -> builder of the network from its config

@@ -9,6 +9,7 @@ function with a known answer.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from scipy.special import expit
 
 from nucleiseg.config import InferenceConfig
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from nucleiseg.model import ModelBundle
@@ -55,7 +58,8 @@ class TorchPredictor:
     """
 
     def __init__(self, network: torch.nn.Module, size_multiple: int, out_channels: int, bf16: bool = False):
-        self.network = network.eval()
+        # channels-last convolutions are about 1.5x faster on the CPU (oneDNN) and GPUs
+        self.network = network.eval().to(memory_format=torch.channels_last)
         self.size_multiple, self.out_channels, self.bf16 = size_multiple, out_channels, bf16
 
     @property
@@ -67,8 +71,9 @@ class TorchPredictor:
         # the CPU, or a GPU the network was moved to
         device = next(self.network.parameters(), torch.empty(0)).device
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.network(torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(device))
-            return torch.sigmoid(logits.float()).cpu().numpy()
+            x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(device)
+            logits = self.network(x.contiguous(memory_format=torch.channels_last))
+            return np.ascontiguousarray(torch.sigmoid(logits.float()).cpu().numpy())
 
 
 def torch_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
@@ -87,34 +92,63 @@ class OnnxPredictor:
     """
 
     def __init__(self, path, size_multiple: int, out_channels: int):
-        try:
-            import onnxruntime
-        except ImportError as exc:
-            raise ValueError('the onnx engine needs onnxruntime: pip install "nucleiseg[onnx]"') from exc
+        import onnxruntime
+
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # as many threads as --threads gives torch
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.size_multiple, self.out_channels = size_multiple, out_channels
+
+    @property
+    def weights(self) -> str | None:
+        """``model.weights_digest`` of the weights it was exported from (``export.export_onnx`` records it)."""
+        return self.session.get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run(["logits"], {"input": np.ascontiguousarray(batch, np.float32)})
         return expit(logits)  # the sigmoid without overflow on large negative logits
 
 
-def onnx_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
-    from nucleiseg.export import ONNX_FILE
+ONNX_FILE = "model.onnx"  # where the onnx engine looks for the export in a model folder
+WEIGHTS_KEY = "nucleiseg_weights"  # ONNX metadata: the weights_digest of the network it was exported from
 
+
+def onnx_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
+    """onnxruntime on the model folder's model.onnx, which must be an export of the folder's weights."""
+    from nucleiseg.model import weights_digest
+
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise ValueError('the onnx engine needs onnxruntime: pip install onnxruntime') from exc
     path = model.folder / ONNX_FILE if model.folder is not None else None
     if path is None or not path.is_file():
         raise ValueError(f"the onnx engine runs {ONNX_FILE} of the model folder, and {path} does not exist; make it "
                          f"with: nucleiseg export MODEL --format onnx --out MODEL_FOLDER/{ONNX_FILE}")
     if config.bf16:
         raise ValueError("--bf16 is for the torch engine; the onnx engine runs in float32")
-    return OnnxPredictor(path, model.size_multiple, model.out_channels)
+    predictor = OnnxPredictor(path, model.size_multiple, model.out_channels)
+    if predictor.weights != weights_digest(model.network):
+        raise ValueError(f"{path} was not exported from the weights of {model.folder / 'weights.pt'}; export it "
+                         f"again: nucleiseg export MODEL --format onnx --out {path}")
+    return predictor
+
+
+def auto_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
+    """onnxruntime where it runs the same network faster (the CPU, float32, an up-to-date export in the
+    model folder); torch otherwise (a GPU, bf16, no export)."""
+    on_cpu = next(model.network.parameters(), torch.empty(0)).device.type == "cpu"
+    if on_cpu and not config.bf16 and model.folder is not None and (model.folder / ONNX_FILE).is_file():
+        try:
+            return onnx_predictor(model, config)
+        except ValueError as exc:
+            log.warning("running the network with torch: %s", exc)
+    return torch_predictor(model, config)
 
 
 # InferenceConfig.engine -> function (model bundle, settings) -> Predictor
-PREDICTORS: dict[str, Callable[[ModelBundle, InferenceConfig], Predictor]] = {"torch": torch_predictor,
+PREDICTORS: dict[str, Callable[[ModelBundle, InferenceConfig], Predictor]] = {"auto": auto_predictor,
+                                                                              "torch": torch_predictor,
                                                                               "onnx": onnx_predictor}
 
 

@@ -9,7 +9,6 @@ Segmentation returns a ``Segmentation`` and writes nothing; ``outputs`` writes i
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ import numpy as np
 from nucleiseg.config import InferenceConfig
 from nucleiseg.data import STAIN, decode_size, input_kind, prepare_input, scale_factor
 from nucleiseg.io import ImageMetadata, ImageReadError, check_image, read_image, read_metadata, to_gray
-from nucleiseg.model import DEFAULT_MODEL, ModelBundle, load_model, select_device
+from nucleiseg.model import DEFAULT_MODEL, ModelBundle, load_model, select_device, weights_digest
 from nucleiseg.postprocess import instances
 from nucleiseg.predict import Predictor, make_predictor, predict_probabilities
 from nucleiseg.quality import load_quality, quality_signals
@@ -131,12 +130,8 @@ class Segmenter:
         predictor and every inference setting."""
         import nucleiseg
 
-        digest = hashlib.sha1()
-        for name, tensor in self.bundle.network.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.cpu().numpy().tobytes())
         return {"version": nucleiseg.__version__, "architecture": self.bundle.architecture,
-                "weights": digest.hexdigest()[:16], "predictor": type(self.predictor).__name__,
+                "weights": weights_digest(self.bundle.network), "predictor": type(self.predictor).__name__,
                 "inference": asdict(self.config), "quality": self.quality and asdict(self.quality)}
 
     def check_diameter(self, diameter: float) -> None:
