@@ -38,7 +38,8 @@ def save_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
     from PIL import Image
 
     with atomic_path(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
+        # level 1: a third of the default level's time on overlays, for files 15% larger
+        Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)
 
 
 def _save_figure(fig, path: str | os.PathLike) -> None:
