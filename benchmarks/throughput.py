@@ -8,7 +8,8 @@ per second over the 65 stage1_test images in-process, split into network and the
 work per image as a multiple of one pass at the image's own size (the diameter estimate's passes
 included); and the whole `nucleiseg segment` command in a child process (start-up, reading, default
 outputs written), as MP/s and as MP/s per 100 GFLOP/s of the same run's matmul (comparable across
-machines).
+machines), alone and beside another CPU-bound process. Segmentation is measured with the default engine
+(auto: onnxruntime on the CPU) and with torch, each with its network GFLOP/s and MP/s per image type.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nucleiseg.config import TrainConfig, load_json
-from nucleiseg.data import PatchSampler, load_split, prepare_training_image
+from nucleiseg.data import PatchSampler, image_type, load_split, prepare_training_image
 from nucleiseg.io import load_dataset
-from nucleiseg.model import build_model
+from nucleiseg.model import build_model, load_model
 from nucleiseg.segment import Segmenter
 from nucleiseg.train import loss_fn
 
@@ -88,21 +89,41 @@ class TimedSegmenter(Segmenter):
         return out
 
 
-def segmentation_throughput(model: str, bf16: bool = False) -> dict:
+def network_flops_per_pixel(model: str) -> float:
+    network = load_model(model).network.eval()
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        network(torch.zeros(1, network_in_channels(network), 256, 256))
+    return counter.get_total_flops() / 256**2
+
+
+def network_in_channels(network: torch.nn.Module) -> int:
+    return next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+
+
+def segmentation_throughput(model: str, bf16: bool = False, engine: str = "auto") -> dict:
     samples = load_dataset(TEST_ROOT, progress=False)
-    segmenter = TimedSegmenter(model, bf16=bf16)
+    segmenter = TimedSegmenter(model, bf16=bf16, engine=engine)
     megapixels = sum(s.image.shape[0] * s.image.shape[1] for s in samples) / 1e6
-    started = time.perf_counter()
-    nuclei = sum(int(segmenter.segment(s.image).labels.max()) for s in samples)
-    total = time.perf_counter() - started
+    per_type: dict[str, list[float]] = {}  # image type -> [seconds, megapixels]
+    nuclei = 0
+    for s in samples:
+        started = time.perf_counter()
+        nuclei += int(segmenter.segment(s.image).labels.max())
+        seconds_mp = per_type.setdefault(image_type(s.image), [0.0, 0.0])
+        seconds_mp[0] += time.perf_counter() - started
+        seconds_mp[1] += s.image.shape[0] * s.image.shape[1] / 1e6
+    total = sum(seconds for seconds, _ in per_type.values())
     return {
+        "engine": type(segmenter.predictor).__name__,
         "images": len(samples),
         "megapixels": megapixels,
         "nuclei": nuclei,
         "seconds": total,
         "mp_per_s": megapixels / total,
         "network_share": segmenter.network_seconds / total,
+        "network_gflops": network_flops_per_pixel(model) * segmenter.network_pixels / segmenter.network_seconds / 1e9,
         "passes": segmenter.network_pixels / (megapixels * 1e6),
+        "per_type": {kind: mp / seconds for kind, (seconds, mp) in sorted(per_type.items())},
     }
 
 
@@ -134,16 +155,28 @@ def main() -> None:
         t = training_throughput(load_json(TrainConfig, args.config), args.steps)
         print(f"training: {t['patches_per_s']:.2f} patches/s; network {t['network_gflops']:.1f} GFLOP/s = "
               f"{t['network_gflops'] / limit:.2f} of matmul; data preparation {t['data_share']:.0%} of step time")
-    for bf16 in (False, True) if args.bf16 else (False,):
-        s = segmentation_throughput(args.model, bf16)
-        print(f"segmentation{' (bf16)' if bf16 else ''}: {s['images']} images, {s['megapixels']:.1f} MP, "
-              f"{s['nuclei']} nuclei in {s['seconds']:.1f} s "
-              f"= {s['mp_per_s']:.2f} MP/s in-process; network {s['network_share']:.0%}, the rest "
-              f"(reading the input, post-processing, measurements) {1 - s['network_share']:.0%}; the network "
-              f"saw {s['passes']:.2f}x the images' pixels")
+    runs = [("auto", False), ("torch", False)] + ([("torch", True)] if args.bf16 else [])
+    for engine, bf16 in runs:
+        s = segmentation_throughput(args.model, bf16, engine)
+        types = ", ".join(f"{kind} {mp_per_s:.2f}" for kind, mp_per_s in s["per_type"].items())
+        print(f"segmentation, engine {engine}{' (bf16)' if bf16 else ''} ({s['engine']}): {s['images']} images, "
+              f"{s['megapixels']:.1f} MP, {s['nuclei']} nuclei in {s['seconds']:.1f} s = {s['mp_per_s']:.2f} MP/s "
+              f"in-process (per image type: {types}); network {s['network_share']:.0%} at "
+              f"{s['network_gflops']:.1f} GFLOP/s = {s['network_gflops'] / limit:.2f} of matmul, the rest (input "
+              f"preparation, post-processing, quality signals) {1 - s['network_share']:.0%}; the network saw "
+              f"{s['passes']:.2f}x the images' pixels", flush=True)
     c = command_throughput(args.model)
     print(f"nucleiseg segment (whole command, default outputs): {c['seconds']:.1f} s = {c['mp_per_s']:.2f} MP/s "
-          f"= {100 * c['mp_per_s'] / limit:.2f} MP/s per 100 GFLOP/s of matmul")
+          f"= {100 * c['mp_per_s'] / limit:.2f} MP/s per 100 GFLOP/s of matmul", flush=True)
+    # another CPU-bound process beside it: a matrix multiply loop on every core (as another analysis would)
+    busy = subprocess.Popen([sys.executable, "-c", "import torch\na = torch.randn(2048, 2048)\nwhile True: a @ a"])
+    try:
+        time.sleep(2)
+        loaded = command_throughput(args.model)
+    finally:
+        busy.kill()
+    print(f"the same beside a CPU-bound process (matmul on every core): {loaded['seconds']:.1f} s = "
+          f"{loaded['seconds'] / c['seconds']:.2f}x the time alone")
 
 
 if __name__ == "__main__":
