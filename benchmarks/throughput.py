@@ -9,7 +9,9 @@ work per image as a multiple of one pass at the image's own size (the diameter e
 included); and the whole `nucleiseg segment` command in a child process (start-up, reading, default
 outputs written), as MP/s and as MP/s per 100 GFLOP/s of the same run's matmul (comparable across
 machines), alone and beside another CPU-bound process. Segmentation is measured with the default engine
-(auto: onnxruntime on the CPU) and with torch, each with its network GFLOP/s and MP/s per image type.
+(auto: onnxruntime on the CPU) and with torch, each with its network GFLOP/s (useful work: the FLOPs of
+one pass over the pixels the network had to see, so tile overlaps and padding count as lost time) and MP/s
+per image type.
 """
 
 from __future__ import annotations

@@ -208,8 +208,13 @@ def _axis_tiles(
     length: int, tile: int, overlap: int, lo: int, hi: int
 ) -> tuple[list[int], int, np.ndarray, np.ndarray]:
     """Along one axis of ``length`` pixels: the starts of the tiles of the whole axis' grid that reach
-    ``lo:hi``, the tile size, its 1-D blending weight and the sum of the weights of all tiles over ``lo:hi``."""
-    size = min(tile, length)
+    ``lo:hi``, the tile size, its 1-D blending weight and the sum of the weights of all tiles over ``lo:hi``.
+
+    The tiles are as few as tiles of at most ``tile`` pixels can be, and no larger than it takes for them to
+    cover the axis with ``overlap``: a 520-pixel axis gets two tiles of 292, not two of 512 (the network
+    would see 1.75 times the pixels)."""
+    count = 1 if length <= tile else math.ceil((length - overlap) / (tile - overlap))
+    size = min(tile, length, math.ceil((length + (count - 1) * overlap) / count))
     starts = tile_starts(length, size, overlap)
     weight = taper(size, overlap) if len(starts) > 1 else np.ones(size, np.float32)
     norm = np.zeros(length, np.float32)
