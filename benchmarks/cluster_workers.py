@@ -52,7 +52,7 @@ def main() -> None:
         print(f"{len(paths)} images, {cores} cores")
         print("| run | seconds | images/s | speed-up over 1 worker | labels equal to one process |")
         print("|---|---|---|---|---|")
-        print(f"| one process ({cores} torch threads) | {base:.1f} | {len(paths) / base:.2f} | | |", flush=True)
+        print(f"| one process ({cores} threads) | {base:.1f} | {len(paths) / base:.2f} | | |", flush=True)
         seconds = {}
         for n in args.workers:
             out = Path(tmp) / f"workers{n}"
