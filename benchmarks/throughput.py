@@ -49,11 +49,12 @@ def training_throughput(cfg: TrainConfig, steps: int) -> dict:
     train, _ = load_split(cfg, progress=False)
     images = [prepare_training_image(s, cfg.data.target_diameter) for s in train[:60]]
     sampler = PatchSampler(images, cfg.data.patch_size, cfg.augment, seed=0)
-    network = build_model(cfg.model).train()
+    network = build_model(cfg.model).train().to(memory_format=torch.channels_last)  # as train.fit runs it
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
 
     def step(x, y):
-        loss = loss_fn(network(torch.from_numpy(x)), torch.from_numpy(y), cfg.dice_weight)
+        x = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+        loss = loss_fn(network(x), torch.from_numpy(y), cfg.dice_weight)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
