@@ -245,10 +245,12 @@ class Segmenter:
         labels = instances(probabilities, self.thresholds, diameter or self.target_diameter)
         result = Segmentation(labels, diameter or self.target_diameter, scale, not given and diameter is not None,
                               image=image)
-        result.signals = quality_signals(probabilities, labels, self.target_diameter, scale, input_kind(image) == STAIN)
-        if self.quality is not None:
-            result.quality = round(self.quality.estimate(result.signals), 4)
-            result.flagged = self.quality.flagged(result.quality)
+        if len(probabilities) >= 3:  # a network with a size output (every model since the size output came)
+            result.signals = quality_signals(probabilities, labels, self.target_diameter, scale,
+                                             input_kind(image) == STAIN)
+            if self.quality is not None:
+                result.quality = round(self.quality.estimate(result.signals), 4)
+                result.flagged = self.quality.flagged(result.quality)
         result.timings = {"predict": predicted - started, "postprocess": time.perf_counter() - predicted}
         return result
 
