@@ -93,14 +93,10 @@ class TimedSegmenter(Segmenter):
 
 
 def network_flops_per_pixel(model: str) -> float:
-    network = load_model(model).network.eval()
+    bundle = load_model(model)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        network(torch.zeros(1, network_in_channels(network), 256, 256))
+        bundle.network.eval()(torch.zeros(1, bundle.config.in_channels, 256, 256))
     return counter.get_total_flops() / 256**2
-
-
-def network_in_channels(network: torch.nn.Module) -> int:
-    return next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
 
 
 def segmentation_throughput(model: str, bf16: bool = False, engine: str = "auto") -> dict:

@@ -72,12 +72,13 @@ def haematoxylin(rgb: np.ndarray) -> np.ndarray:
     return color.rgb2hed(rgb)[..., 0].astype(np.float32)
 
 
-def prepare_input(image: np.ndarray) -> np.ndarray:
+def prepare_input(image: np.ndarray, kind: str | None = None) -> np.ndarray:
     """(H, W[, C]) image of any modality -> (H, W) float32 in [0, 1], nuclei bright on a dark background.
 
-    Clipped to [0, 1] as the training patches are, so that rare very bright pixels (common in 16-bit
-    images) do not reach the network at values it never saw."""
-    kind = input_kind(image)
+    ``kind`` is ``input_kind(image)``, computed here when not given. Clipped to [0, 1] as the training
+    patches are, so that rare very bright pixels (common in 16-bit images) do not reach the network at
+    values it never saw."""
+    kind = kind or input_kind(image)
     if kind == STAIN:
         x = normalise(haematoxylin(to_rgb_uint8(image)))
     else:

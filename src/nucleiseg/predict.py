@@ -92,8 +92,10 @@ class OnnxPredictor:
     """
 
     def __init__(self, path, size_multiple: int, out_channels: int):
-        import onnxruntime
-
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise ValueError("the onnx engine needs onnxruntime: pip install onnxruntime") from exc
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # as many threads as --threads gives torch
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -117,10 +119,6 @@ def onnx_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
     """onnxruntime on the model folder's model.onnx, which must be an export of the folder's weights."""
     from nucleiseg.model import weights_digest
 
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as exc:
-        raise ValueError('the onnx engine needs onnxruntime: pip install onnxruntime') from exc
     path = model.folder / ONNX_FILE if model.folder is not None else None
     if path is None or not path.is_file():
         raise ValueError(f"the onnx engine runs {ONNX_FILE} of the model folder, and {path} does not exist; make it "

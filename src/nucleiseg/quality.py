@@ -63,7 +63,7 @@ def quality_signals(probabilities: np.ndarray, labels: np.ndarray, target_diamet
     signals = {"nuclei": n, "border_uncertainty": float(((foreground > 0.25) & (foreground < 0.75)).sum() / found),
                "stained": float(stained)}
     if n == 0:  # nothing to measure; QualityModel.estimate gives 0 (a person should look)
-        return signals | dict.fromkeys(SIGNALS[1:7], 0.0)
+        return signals | {name: 0.0 for name in SIGNALS if name not in signals}
     inside = labels > 0
     owner = labels[inside]  # per-nucleus sums over nucleus pixels only: most pixels are background
     area = np.bincount(owner, minlength=n + 1)[1:].astype(float)

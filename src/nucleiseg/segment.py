@@ -238,7 +238,8 @@ class Segmenter:
             self.check_diameter(diameter)
         given = diameter is not None
         started = time.perf_counter()
-        probabilities, diameter, scale = self.image_probabilities(prepare_input(image), diameter)
+        kind = input_kind(image)
+        probabilities, diameter, scale = self.image_probabilities(prepare_input(image, kind), diameter)
         predicted = time.perf_counter()
         if diameter is None:
             log.info("no nucleus found while estimating the diameter; using %.0f px", self.target_diameter)
@@ -246,8 +247,7 @@ class Segmenter:
         result = Segmentation(labels, diameter or self.target_diameter, scale, not given and diameter is not None,
                               image=image)
         if len(probabilities) >= 3:  # a network with a size output (every model since the size output came)
-            result.signals = quality_signals(probabilities, labels, self.target_diameter, scale,
-                                             input_kind(image) == STAIN)
+            result.signals = quality_signals(probabilities, labels, self.target_diameter, scale, kind == STAIN)
             if self.quality is not None:
                 result.quality = round(self.quality.estimate(result.signals), 4)
                 result.flagged = self.quality.flagged(result.quality)
