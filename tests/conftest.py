@@ -32,6 +32,18 @@ def train_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_labels(tmp_path_factory, train_root) -> dict:
+    """Ground-truth label images of the first three training images (sorted ids), by image id."""
+    from nucleiseg.io import load_dataset, sample_ids
+
+    with pytest.MonkeyPatch.context() as mp:  # keep the decoded-sample cache out of the user's home
+        mp.setenv("NUCLEISEG_CACHE", str(tmp_path_factory.mktemp("cache")))
+        samples = load_dataset(train_root, ids=sample_ids(train_root)[:3], progress=False)
+    assert len(samples) == 3
+    return {s.id: s.labels for s in samples}
+
+
+@pytest.fixture(scope="session")
 def validation_samples():
     """The committed images: fluorescence 256x256, histology, histology, large fluorescence, brightfield."""
     from nucleiseg.io import load_dataset

@@ -42,3 +42,14 @@ def test_init_from_a_model_of_another_shape_is_refused():
     cfg = TrainConfig(model=ModelConfig(base_channels=4, depth=2), init_from="default")
     with pytest.raises(ValueError, match="differs"):
         start_from(build_model(cfg.model), cfg)
+
+
+def test_a_grid_model_starts_from_the_full_resolution_one():
+    cfg = TrainConfig(model=ModelConfig(grid=2), init_from="default")
+    network = build_model(cfg.model)
+    start_from(network, cfg)
+    base, started = load_model("default").network.state_dict(), network.state_dict()
+    assert all(torch.equal(base[name], started[name]) for name in base if name != "down.0.0.weight")
+    # the first filters spread over a cell's 4 pixels: on a flat cell they act as the base's on one pixel
+    first = started["down.0.0.weight"]
+    assert first.shape[1] == 4 and torch.allclose(first.sum(dim=1, keepdim=True), base["down.0.0.weight"])

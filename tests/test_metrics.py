@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nucleiseg.io import load_dataset, sample_ids
 from nucleiseg.metrics import DSB_THRESHOLDS, evaluate, iou_matrix, match
 
 
@@ -234,30 +233,20 @@ def test_report_as_dict_and_table():
 # --- real masks ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def real_labels(tmp_path_factory, train_root):
-    """Ground-truth label images of the first three training images (sorted ids)."""
-    with pytest.MonkeyPatch.context() as mp:  # keep the decoded-sample cache out of the user's home
-        mp.setenv("NUCLEISEG_CACHE", str(tmp_path_factory.mktemp("cache")))
-        samples = load_dataset(train_root, ids=sample_ids(train_root)[:3], progress=False)
-    assert len(samples) == 3
-    return [(s.id, s.labels) for s in samples]
-
-
 def test_real_ground_truth_against_itself_is_perfect(real_labels):
-    report = evaluate((name, labels, labels.copy()) for name, labels in real_labels)
+    report = evaluate((name, labels, labels.copy()) for name, labels in real_labels.items())
     for key in ("dsb_score", "ap50", "ap75", "precision50", "recall50", "f1_50", "mean_matched_iou"):
         assert getattr(report, key) == pytest.approx(1.0), key
-    assert report.n_true == report.n_pred == sum(len(np.unique(lab)) - 1 for _, lab in real_labels)
+    assert report.n_true == report.n_pred == sum(len(np.unique(lab)) - 1 for lab in real_labels.values())
 
 
 def test_real_ground_truth_with_one_nucleus_removed(real_labels):
     pairs = []
-    for name, labels in real_labels:
+    for name, labels in real_labels.items():
         removed = int(np.unique(labels)[1])  # smallest nonzero label
         pairs.append((name, labels, np.where(labels == removed, 0, labels)))
     report = evaluate(pairs)
-    n_true = sum(len(np.unique(lab)) - 1 for _, lab in real_labels)
+    n_true = sum(len(np.unique(lab)) - 1 for lab in real_labels.values())
     assert report.precision50 == 1.0
     assert report.recall50 < 1.0
     assert report.recall50 == pytest.approx((n_true - 3) / n_true)

@@ -17,6 +17,20 @@ def test_unet_shapes_and_backward(depth, base, size):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_grid_unet_runs_on_a_coarser_grid_and_answers_at_full_size():
+    network = UNet(in_channels=1, out_channels=3, base_channels=4, depth=2, grid=2)
+    assert ModelConfig(base_channels=4, depth=2, grid=2).size_multiple == 8
+    x = torch.randn(1, 1, 24, 40, requires_grad=True)
+    out = network(x)
+    assert out.shape == (1, 3, 24, 40)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # the first convolution sees each 2x2 cell's pixels as 4 channels
+    assert network.down[0][0].weight.shape[1] == 4
+    with pytest.raises(ValueError, match=r"\(24, 24\)"):
+        network(torch.zeros(1, 1, 20, 20))
+
+
 def test_unet_odd_size_error_names_the_padded_size():
     with pytest.raises(ValueError, match=r"\(48, 64\)"):
         UNet(depth=4)(torch.zeros(1, 1, 40, 50))

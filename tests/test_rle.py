@@ -7,18 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from nucleiseg.io import load_dataset, sample_ids
 from nucleiseg.rle import decode, encode, encode_labels, read_submission, write_submission
-
-
-@pytest.fixture(scope="module")
-def real_labels(tmp_path_factory, train_root):
-    """Ground-truth label images of the first three training images (sorted ids)."""
-    with pytest.MonkeyPatch.context() as mp:  # keep the decoded-sample cache out of the user's home
-        mp.setenv("NUCLEISEG_CACHE", str(tmp_path_factory.mktemp("cache")))
-        samples = load_dataset(train_root, ids=sample_ids(train_root)[:3], progress=False)
-    assert len(samples) == 3
-    return {s.id: s.labels for s in samples}
 
 
 def consecutive(labels: np.ndarray) -> np.ndarray:

@@ -57,11 +57,14 @@ class ModelConfig:
     out_channels: int = 3  # foreground, centre distance, nucleus size
     base_channels: int = 16
     depth: int = 4
+    # the U-Net runs on a grid this many times coarser than the input (2: a quarter of the pixels, as
+    # StarDist's grid); each grid cell sees its input pixels as channels, and the outputs are upsampled back
+    grid: int = 1
 
     @property
     def size_multiple(self) -> int:
-        """Input height and width must be multiples of this (one halving per level)."""
-        return 2**self.depth
+        """Input height and width must be multiples of this (one halving per level, times the grid)."""
+        return 2**self.depth * self.grid
 
 
 @dataclass

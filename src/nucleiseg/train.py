@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -102,14 +102,22 @@ def read_history(path: Path) -> list[dict]:
 
 
 def start_from(network: torch.nn.Module, cfg: TrainConfig) -> None:
-    """Load the weights of the model ``cfg.init_from`` into ``network``; its shape and scale must be cfg's."""
+    """Load the weights of the model ``cfg.init_from`` into ``network``; its shape and scale must be cfg's,
+    except that a full-resolution model (grid 1) may start a coarser-grid one (its first filters are spread
+    evenly over a grid cell's pixels, so the start sees the cell's mean as the full model sees a pixel)."""
     from nucleiseg.model import load_model
 
     base = load_model(cfg.init_from)
-    if base.config != cfg.model or base.target_diameter != cfg.data.target_diameter:
+    grid = cfg.model.grid
+    if (replace(base.config, grid=grid) != cfg.model or base.config.grid not in (1, grid)
+            or base.target_diameter != cfg.data.target_diameter):
         raise ValueError(f"{cfg.init_from}: network {base.config} at diameter {base.target_diameter} differs from "
                          f"the config's {cfg.model} at {cfg.data.target_diameter}")
-    network.load_state_dict(base.network.state_dict(), strict=True)
+    state = base.network.state_dict()
+    if base.config.grid != grid:
+        first = "down.0.0.weight"
+        state[first] = state[first].repeat_interleave(grid**2, dim=1) / grid**2
+    network.load_state_dict(state, strict=True)
 
 
 def fit(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
