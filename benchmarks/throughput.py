@@ -6,8 +6,9 @@ Prints: plain matrix-multiply GFLOP/s (the CPU's practical limit, measured in th
 patches per second and the network's achieved GFLOP/s as a ratio of that limit; segmentation megapixels
 per second over the 65 stage1_test images in-process, split into network and the rest, with the network
 work per image as a multiple of one pass at the image's own size (the diameter estimate's passes
-included); and the whole `nucleiseg segment` command in a child process (start-up, reading, default
-outputs written), as MP/s and as MP/s per 100 GFLOP/s of the same run's matmul (comparable across
+included); the seconds per stage of what `nucleiseg segment` does (start-up, reading, input preparation,
+network, post-processing, each default output written); and the whole `nucleiseg segment` command in a
+child process (start-up, reading, default outputs written), as MP/s and as MP/s per 100 GFLOP/s of the same run's matmul (comparable across
 machines), alone and beside another CPU-bound process. Segmentation is measured with the default engine
 (auto: onnxruntime on the CPU) and with torch, each with its network GFLOP/s (useful work: the FLOPs of
 one pass over the pixels the network had to see, so tile overlaps and padding count as lost time) and MP/s
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +32,8 @@ from nucleiseg.config import TrainConfig, load_json
 from nucleiseg.data import PatchSampler, image_type, load_split, prepare_training_image
 from nucleiseg.io import load_dataset
 from nucleiseg.model import build_model, load_model
+from nucleiseg.outputs import DEFAULT_OUTPUTS, WRITERS, OutputOptions
+from nucleiseg.predict import TILE_BATCH
 from nucleiseg.segment import Segmenter
 from nucleiseg.train import loss_fn
 
@@ -78,18 +82,37 @@ def training_throughput(cfg: TrainConfig, steps: int) -> dict:
     }
 
 
-class TimedSegmenter(Segmenter):
-    """Segmenter that adds up the time spent in the network."""
+class TimedPredictor:
+    """A predictor that adds up the seconds spent in it: the network alone."""
 
-    network_seconds = 0.0
-    network_pixels = 0.0  # pixels the network saw, after rescaling
+    def __init__(self, predictor):
+        self.predictor, self.seconds = predictor, 0.0
+        self.size_multiple, self.out_channels = predictor.size_multiple, predictor.out_channels
+        self.batch_size = getattr(predictor, "batch_size", TILE_BATCH)
+
+    def __call__(self, batch):
+        started = time.perf_counter()
+        out = self.predictor(batch)
+        self.seconds += time.perf_counter() - started
+        return out
+
+
+class TimedSegmenter(Segmenter):
+    """Segmenter that adds up the time spent in the network and the pixels the network saw."""
+
+    network_pixels = 0.0  # after rescaling
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.predictor = TimedPredictor(self.predictor)
+
+    @property
+    def network_seconds(self) -> float:
+        return self.predictor.seconds
 
     def probabilities(self, x, scale):
-        started = time.perf_counter()
-        out = super().probabilities(x, scale)
-        self.network_seconds += time.perf_counter() - started
         self.network_pixels += x.size * scale**2
-        return out
+        return super().probabilities(x, scale)
 
 
 def network_flops_per_pixel(model: str) -> float:
@@ -113,7 +136,7 @@ def segmentation_throughput(model: str, bf16: bool = False, engine: str = "auto"
         seconds_mp[1] += s.image.shape[0] * s.image.shape[1] / 1e6
     total = sum(seconds for seconds, _ in per_type.values())
     return {
-        "engine": type(segmenter.predictor).__name__,
+        "engine": type(segmenter.predictor.predictor).__name__,
         "images": len(samples),
         "megapixels": megapixels,
         "nuclei": nuclei,
@@ -135,6 +158,33 @@ def command_throughput(model: str) -> dict:
                        check=True, capture_output=True)
         seconds = time.perf_counter() - started
     return {"seconds": seconds, "mp_per_s": megapixels / seconds}
+
+
+def stage_profile(model: str) -> dict[str, float]:
+    """Seconds per stage of what `nucleiseg segment` does with the default outputs, measured in this process:
+    start-up (imports and model loading, in a child process), reading, input preparation with rescaling and
+    tiling, the network (every pass, the diameter estimate's included), post-processing with the quality
+    signals, and writing each default output."""
+    load = (f"import time; started = time.perf_counter(); import nucleiseg.cli; from nucleiseg.segment import "
+            f"Segmenter; Segmenter({model!r}); print(time.perf_counter() - started)")
+    startup = float(subprocess.run([sys.executable, "-c", load], check=True, capture_output=True, text=True).stdout)
+    segmenter = TimedSegmenter(model)
+    stages = {"start-up": startup, "read": 0.0, "input, rescaling, tiling": 0.0, "network": 0.0,
+              "post-processing, quality": 0.0} | {f"write {output}": 0.0 for output in DEFAULT_OUTPUTS}
+    with tempfile.TemporaryDirectory() as out:
+        for path in sorted(Path(TEST_ROOT).glob("*/images/*.png")):
+            network_before = segmenter.network_seconds
+            result = segmenter.segment_file(path)
+            network = segmenter.network_seconds - network_before
+            stages["read"] += result.timings["read"]
+            stages["network"] += network
+            stages["input, rescaling, tiling"] += result.timings["predict"] - network
+            stages["post-processing, quality"] += result.timings["postprocess"]
+            for output in DEFAULT_OUTPUTS:
+                started = time.perf_counter()
+                WRITERS[output](result, Path(out) / path.stem, OutputOptions())
+                stages[f"write {output}"] += time.perf_counter() - started
+    return stages
 
 
 def main() -> None:
@@ -164,6 +214,9 @@ def main() -> None:
               f"{s['network_gflops']:.1f} GFLOP/s = {s['network_gflops'] / limit:.2f} of matmul, the rest (input "
               f"preparation, post-processing, quality signals) {1 - s['network_share']:.0%}; the network saw "
               f"{s['passes']:.2f}x the images' pixels", flush=True)
+    stages = stage_profile(args.model)
+    print(f"stages of nucleiseg segment, in-process ({sum(stages.values()):.1f} s): "
+          + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items()), flush=True)
     c = command_throughput(args.model)
     print(f"nucleiseg segment (whole command, default outputs): {c['seconds']:.1f} s = {c['mp_per_s']:.2f} MP/s "
           f"= {100 * c['mp_per_s'] / limit:.2f} MP/s per 100 GFLOP/s of matmul", flush=True)

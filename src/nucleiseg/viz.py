@@ -1,7 +1,8 @@
 """Figures: nucleus outlines over images, side-by-side comparisons, training curves.
 
-The only module that imports matplotlib. Figures are drawn without pyplot, so no display is needed and a
-notebook's plotting backend is left alone.
+The only module that imports matplotlib, and only where a figure is drawn (an overlay does not need it,
+and importing it costs a second of every segmentation run). Figures are drawn without pyplot, so no
+display is needed and a notebook's plotting backend is left alone.
 """
 
 from __future__ import annotations
@@ -9,9 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib.colors
 import numpy as np
-from matplotlib.figure import Figure
+from skimage.color import hsv2rgb
 from skimage.segmentation import find_boundaries
 
 from nucleiseg.io import atomic_path, to_rgb_uint8
@@ -21,7 +21,7 @@ def label_colours(n: int, random_seed: int = 0) -> np.ndarray:
     """(n + 1, 3) uint8 distinct-looking colours, row 0 black; shuffled so neighbours differ."""
     rng = np.random.default_rng(random_seed)
     hues = rng.permutation(n) / max(n, 1)
-    rgb = matplotlib.colors.hsv_to_rgb(np.stack([hues, np.full(n, 0.9), np.full(n, 1.0)], axis=1))
+    rgb = hsv2rgb(np.stack([hues, np.full(n, 0.9), np.full(n, 1.0)], axis=1))
     return np.vstack([[0, 0, 0], (rgb * 255).astype(np.uint8)]).astype(np.uint8)
 
 
@@ -52,6 +52,8 @@ def comparison_figure(
 ) -> None:
     """One row per image: image / ground truth / prediction, nuclei outlined. ``rows`` holds
     (title, image, true labels or None, predicted labels)."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(12, 4 * len(rows)))
     axes = fig.subplots(len(rows), 3, squeeze=False)
     for ax_row, (title, image, true, pred) in zip(axes, rows, strict=True):
@@ -80,6 +82,8 @@ def error_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
     """One row per image: image / truth with the missed nuclei tinted / prediction with the false nuclei
     tinted yellow (no match at IoU > 0.5: visible on fluorescence and on H&E). ``rows`` holds (title, image,
     true labels, predicted labels)."""
+    from matplotlib.figure import Figure
+
     from nucleiseg.metrics import unmatched
 
     fig = Figure(figsize=(12, 4 * len(rows)))
@@ -100,6 +104,8 @@ def error_figure(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
 
 def plot_history(history: Sequence[dict], path: str | os.PathLike, x_key: str = "epoch") -> None:
     """Training loss (and validation loss or score, where given) per epoch (rows as in history.csv) -> PNG."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 4))
     loss_ax = fig.subplots()
     x = [float(r[x_key]) for r in history]
