@@ -8,11 +8,11 @@ per second over the 65 stage1_test images in-process, split into network and the
 work per image as a multiple of one pass at the image's own size (the diameter estimate's passes
 included); the seconds per stage of what `nucleiseg segment` does (start-up, reading, input preparation,
 network, post-processing, each default output written); and the whole `nucleiseg segment` command in a
-child process (start-up, reading, default outputs written), as MP/s and as MP/s per 100 GFLOP/s of the same run's matmul (comparable across
-machines), alone and beside another CPU-bound process. Segmentation is measured with the default engine
-(auto: onnxruntime on the CPU) and with torch, each with its network GFLOP/s (useful work: the FLOPs of
-one pass over the pixels the network had to see, so tile overlaps and padding count as lost time) and MP/s
-per image type.
+child process (start-up, reading, default outputs written), as MP/s and as MP/s per 100 GFLOP/s of the
+same run's matmul (comparable across machines), alone and beside another CPU-bound process. Segmentation
+is measured with the default engine (auto: onnxruntime on the CPU) and with torch, each with its network
+GFLOP/s (useful work: the FLOPs of one pass over the pixels the network had to see, so tile overlaps and
+padding count as lost time) and MP/s per image type. `--model fast` measures the fast model.
 """
 
 from __future__ import annotations

@@ -51,11 +51,12 @@ def test_onnx_engine_without_an_export_is_one_error_line(tmp_path, tiny_model):
     assert len(done.stderr.strip().splitlines()) == 1 and "nucleiseg export" in done.stderr
 
 
-def test_auto_engine_runs_the_shipped_export_on_the_cpu_with_the_same_labels():
+@pytest.mark.parametrize("model", ["default", "fast"])
+def test_auto_engine_runs_the_shipped_export_on_the_cpu_with_the_same_labels(model):
     from nucleiseg.predict import OnnxPredictor, TorchPredictor
 
     image = read_image(SAMPLES / "fluorescence_dense.png")
-    auto, torch_ = Segmenter(device="cpu"), Segmenter(device="cpu", engine="torch")
+    auto, torch_ = Segmenter(model, device="cpu"), Segmenter(model, device="cpu", engine="torch")
     assert isinstance(auto.predictor, OnnxPredictor) and isinstance(torch_.predictor, TorchPredictor)
     assert isinstance(Segmenter(device="cpu", bf16=True).predictor, TorchPredictor)
     assert np.array_equal(auto.segment(image).labels, torch_.segment(image).labels)
