@@ -46,8 +46,10 @@ def is_colour(image: np.ndarray) -> bool:
     """True when the channels of an RGB(A) image differ (mean channel spread above 4% of the maximum)."""
     if image.ndim != 3 or image.shape[2] < 3:
         return False
-    rgb = image[..., :3].astype(np.float32)
-    return bool((rgb.max(axis=2) - rgb.min(axis=2)).mean() / max(float(rgb.max()), 1e-6) > 0.04)
+    # channel by channel: numpy reduces along a last axis of 3 several times slower
+    r, g, b = (image[..., i].astype(np.float32) for i in range(3))
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    return bool(spread.mean() / max(float(max(r.max(), g.max(), b.max())), 1e-6) > 0.04)
 
 
 def input_kind(image: np.ndarray) -> str:
