@@ -33,7 +33,6 @@ from nucleiseg.data import PatchSampler, image_type, load_split, prepare_trainin
 from nucleiseg.io import load_dataset
 from nucleiseg.model import build_model, load_model
 from nucleiseg.outputs import DEFAULT_OUTPUTS, WRITERS, OutputOptions
-from nucleiseg.predict import TILE_BATCH
 from nucleiseg.segment import Segmenter
 from nucleiseg.train import loss_fn
 
@@ -87,8 +86,9 @@ class TimedPredictor:
 
     def __init__(self, predictor):
         self.predictor, self.seconds = predictor, 0.0
-        self.size_multiple, self.out_channels = predictor.size_multiple, predictor.out_channels
-        self.batch_size = getattr(predictor, "batch_size", TILE_BATCH)
+
+    def __getattr__(self, name):  # size_multiple, out_channels and the optional batch_size: the predictor's
+        return getattr(self.predictor, name)
 
     def __call__(self, batch):
         started = time.perf_counter()

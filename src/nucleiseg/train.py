@@ -1,4 +1,4 @@
-"""Training the full-resolution model: patches, loss, schedule, validation, resumable checkpoints.
+"""Training a model: patches, loss, schedule, validation, resumable checkpoints.
 
 A run folder holds ``config.json``, ``checkpoint.pt`` (everything needed to resume, written atomically
 after every epoch), ``history.csv``, ``curve.png``, ``model/`` (the best weights so far, a model folder
