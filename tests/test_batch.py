@@ -468,6 +468,30 @@ def test_a_failed_redo_leaves_no_stale_record(tmp_path, segmenter, monkeypatch):
     assert len(read_csv(out / f"{GOOD[0].stem}_nuclei.csv")) == labels.max()
 
 
+def test_a_write_failure_is_the_failure_of_its_own_image(tmp_path, segmenter, monkeypatch):
+    """Outputs are written while the next image is segmented: a failed write is still reported with its
+    image, and the images before and after it are done, in input order."""
+    import errno
+
+    from nucleiseg import outputs
+
+    write_overlay = outputs.WRITERS["overlay"]
+
+    def full_for_the_second(result, base, options):
+        if base.name == GOOD[1].stem:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_overlay(result, base, options)
+
+    monkeypatch.setitem(outputs.WRITERS, "overlay", full_for_the_second)
+    out = tmp_path / "out"
+    result = segment_batch(GOOD[:3], out, segmenter, diameter=15, progress=False)
+    assert [row["path"] for row in result.done] == [str(GOOD[0]), str(GOOD[2])]
+    assert result.failed == [(str(GOOD[1]), f"{GOOD[1]}: its outputs could not be written to {out} "
+                                            "(No space left on device)")]
+    assert sorted(p.name for p in out.glob("*.done.json")) == sorted(f"{p.stem}.done.json" for p in (GOOD[0], GOOD[2]))
+    assert [row["path"] for row in read_csv(out / "summary.csv")] == [str(GOOD[0]), str(GOOD[2])]
+
+
 def test_summary_describes_the_folder_and_a_full_disk_at_the_end_is_reported(tmp_path, segmenter, monkeypatch):
     import errno
 

@@ -23,6 +23,7 @@ import socket
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -279,13 +280,30 @@ def segment_batch(
     names = output_names(inputs) if names is None else names
     settings = run_settings(segmenter, diameter, outputs, options, channel)
     key = settings_key(settings)
-    with lock_folder(out_dir) if tables else nullcontext(), logging_redirect_tqdm():  # whole error lines
+    # an image's outputs are written in a second thread while the next image is segmented: the writers
+    # (PNG encoding, measurements) run on one core, so the other core would otherwise idle half the time
+    writing: tuple[Path, dict, Future] | None = None  # (path, summary row, the write) of the image before
+
+    def finish_writing() -> None:
+        nonlocal writing
+        if writing is not None:
+            path, summary, write = writing
+            writing = None
+            try:
+                write.result()
+                result.done.append(summary)
+            except Exception as exc:
+                _failed(result, path, exc)
+
+    with (lock_folder(out_dir) if tables else nullcontext(), logging_redirect_tqdm(),  # whole error lines
+          ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucleiseg-writer") as writer):
         for path, name in tqdm(list(zip(inputs, names, strict=True)), desc="segmenting", unit="img",
                                disable=not progress):
             record_path = out_dir / f"{name}{RECORD_SUFFIX}"
             try:
                 previous = None if overwrite else _finished(record_path, path, key)
                 if previous is not None:
+                    finish_writing()
                     result.done.append(previous)
                     result.skipped += 1
                     continue
@@ -293,28 +311,44 @@ def segment_batch(
                 segmentation = segmenter.segment_file(path, diameter, channel)
                 summary = summary_row(name, path, segmentation)
                 log.debug("%s: %s", path, ", ".join(f"{k} {v:.2f} s" for k, v in segmentation.timings.items()))
-                try:
-                    written = write_outputs(segmentation, out_dir / name, outputs, options)
-                    del segmentation  # the image and labels are not needed while the record is written
-                    record = {"path": os.path.realpath(path), "input": _input_stamp(path), "key": key,
-                              "settings": settings, "outputs": written, "summary": summary}
-                    with atomic_path(record_path) as tmp:
-                        tmp.write_text(json.dumps(record))
-                except OSError as exc:
-                    raise OutputWriteError(f"{path}: its outputs could not be written to {out_dir} "
-                                         f"({exc.strerror or exc})") from None
-                result.done.append(summary)
-            except (ImageReadError, OutputNameTaken, OutputWriteError) as exc:
-                result.failed.append((str(path), str(exc)))
-                log.error("%s", exc)
-            except Exception as exc:  # any failure of one image must leave the rest of the batch running
-                message = f"{path}: segmentation failed ({type(exc).__name__}: {exc})"
-                result.failed.append((str(path), message))
-                log.error("%s", message)
+                finish_writing()  # one image's outputs at a time wait to be written: memory stays bounded
+                record = {"path": os.path.realpath(path), "input": _input_stamp(path), "key": key,
+                          "settings": settings, "summary": summary}
+                writing = (path, summary, writer.submit(write_image, segmentation, path, out_dir / name, outputs,
+                                                        options, record))
+                del segmentation
+            except Exception as exc:
+                finish_writing()
+                _failed(result, path, exc)
             release_freed_memory()  # after a segmented or failed image; skipped ones freed nothing
+        finish_writing()
     if tables:
         write_tables(out_dir, result)
     return result
+
+
+def write_image(segmentation: Segmentation, path: Path, base: Path, outputs: tuple[str, ...],
+                options: OutputOptions, record: dict) -> None:
+    """Write the outputs of the image at ``path`` next to ``base`` (output folder / output name), then its
+    ``record`` with the names of the files written."""
+    try:
+        record["outputs"] = write_outputs(segmentation, base, outputs, options)
+        with atomic_path(base.parent / f"{base.name}{RECORD_SUFFIX}") as tmp:
+            tmp.write_text(json.dumps(record))
+    except OSError as exc:
+        raise OutputWriteError(f"{path}: its outputs could not be written to {base.parent} "
+                               f"({exc.strerror or exc})") from None
+
+
+def _failed(result: BatchResult, path: Path, exc: Exception) -> None:
+    """List and log an image that failed: a clear error of ours as it is, any other failure with its kind (one
+    image's failure must leave the rest of the batch running)."""
+    if isinstance(exc, ImageReadError | OutputNameTaken | OutputWriteError):
+        message = str(exc)
+    else:
+        message = f"{path}: segmentation failed ({type(exc).__name__}: {exc})"
+    result.failed.append((str(path), message))
+    log.error("%s", message)
 
 
 def write_tables(out_dir: Path, result: BatchResult) -> None:
