@@ -35,7 +35,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from nucleiseg.io import ImageReadError, atomic_path
 from nucleiseg.measure import write_table
 from nucleiseg.outputs import DEFAULT_OUTPUTS, OutputOptions, check_outputs, write_outputs
-from nucleiseg.segment import Segmentation, Segmenter
+from nucleiseg.segment import Prediction, Segmentation, Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -280,57 +280,58 @@ def segment_batch(
     names = output_names(inputs) if names is None else names
     settings = run_settings(segmenter, diameter, outputs, options, channel)
     key = settings_key(settings)
-    # an image's outputs are written in a second thread while the next image is segmented: the writers
-    # (PNG encoding, measurements) run on one core, so the other core would otherwise idle half the time
-    writing: tuple[Path, dict, Future] | None = None  # (path, summary row, the write) of the image before
+    # the network runs on an image while a second thread draws the nuclei of the image before and writes
+    # its outputs: that work runs on one core, so the other would otherwise idle for half of the run
+    finishing: tuple[Path, Future] | None = None  # the image before and its summary row, when finished
 
-    def finish_writing() -> None:
-        nonlocal writing
-        if writing is not None:
-            path, summary, write = writing
-            writing = None
+    def wait_for_the_image_before() -> None:
+        nonlocal finishing
+        if finishing is not None:
+            path, summary = finishing
+            finishing = None
             try:
-                write.result()
-                result.done.append(summary)
+                result.done.append(summary.result())
             except Exception as exc:
                 _failed(result, path, exc)
 
     with (lock_folder(out_dir) if tables else nullcontext(), logging_redirect_tqdm(),  # whole error lines
-          ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucleiseg-writer") as writer):
+          ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucleiseg-finish") as finisher):
         for path, name in tqdm(list(zip(inputs, names, strict=True)), desc="segmenting", unit="img",
                                disable=not progress):
             record_path = out_dir / f"{name}{RECORD_SUFFIX}"
             try:
                 previous = None if overwrite else _finished(record_path, path, key)
                 if previous is not None:
-                    finish_writing()
+                    wait_for_the_image_before()
                     result.done.append(previous)
                     result.skipped += 1
                     continue
                 record_path.unlink(missing_ok=True)  # the outputs are rewritten: none counts as done until all are
-                segmentation = segmenter.segment_file(path, diameter, channel)
-                summary = summary_row(name, path, segmentation)
-                log.debug("%s: %s", path, ", ".join(f"{k} {v:.2f} s" for k, v in segmentation.timings.items()))
-                finish_writing()  # one image's outputs at a time wait to be written: memory stays bounded
+                prediction = segmenter.predict_file(path, diameter, channel)
+                wait_for_the_image_before()  # one image at a time waits to be finished: memory stays bounded
                 record = {"path": os.path.realpath(path), "input": _input_stamp(path), "key": key,
-                          "settings": settings, "summary": summary}
-                writing = (path, summary, writer.submit(write_image, segmentation, path, out_dir / name, outputs,
-                                                        options, record))
-                del segmentation
+                          "settings": settings}
+                finishing = (path, finisher.submit(finish_image, segmenter, prediction, path, out_dir / name,
+                                                   outputs, options, record))
+                del prediction
             except Exception as exc:
-                finish_writing()
+                wait_for_the_image_before()
                 _failed(result, path, exc)
             release_freed_memory()  # after a segmented or failed image; skipped ones freed nothing
-        finish_writing()
+        wait_for_the_image_before()
     if tables:
         write_tables(out_dir, result)
     return result
 
 
-def write_image(segmentation: Segmentation, path: Path, base: Path, outputs: tuple[str, ...],
-                options: OutputOptions, record: dict) -> None:
-    """Write the outputs of the image at ``path`` next to ``base`` (output folder / output name), then its
-    ``record`` with the names of the files written."""
+def finish_image(segmenter: Segmenter, prediction: Prediction, path: Path, base: Path, outputs: tuple[str, ...],
+                 options: OutputOptions, record: dict) -> dict:
+    """Draw the nuclei of the image at ``path`` from the network's ``prediction``, write its outputs next to
+    ``base`` (output folder / output name), then its ``record`` with the summary row and the names of the
+    files written. Returns the summary row."""
+    segmentation = segmenter.label_nuclei(prediction)
+    record["summary"] = summary_row(base.name, path, segmentation)
+    log.debug("%s: %s", path, ", ".join(f"{k} {v:.2f} s" for k, v in segmentation.timings.items()))
     try:
         record["outputs"] = write_outputs(segmentation, base, outputs, options)
         with atomic_path(base.parent / f"{base.name}{RECORD_SUFFIX}") as tmp:
@@ -338,6 +339,7 @@ def write_image(segmentation: Segmentation, path: Path, base: Path, outputs: tup
     except OSError as exc:
         raise OutputWriteError(f"{path}: its outputs could not be written to {base.parent} "
                                f"({exc.strerror or exc})") from None
+    return record["summary"]
 
 
 def _failed(result: BatchResult, path: Path, exc: Exception) -> None:

@@ -60,6 +60,21 @@ class Segmentation:
     flagged: bool | None = None
 
 
+@dataclass
+class Prediction:
+    """The network's outputs for one image (``Segmenter.predict``), before its nuclei are drawn from them
+    (``Segmenter.label_nuclei``)."""
+
+    probabilities: np.ndarray  # (K, H, W) on the image's grid: foreground, centre, size
+    diameter: float  # as given, estimated, or the training diameter where the estimate found nothing
+    scale: float
+    diameter_estimated: bool
+    stained: bool  # read through its haematoxylin channel
+    image: np.ndarray
+    metadata: ImageMetadata = field(default_factory=ImageMetadata)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 class Segmenter:
     """Segments images with a trained model.
 
@@ -232,26 +247,36 @@ class Segmenter:
         Segmentation
             Labels on the image's grid, the diameter and scale used, and the time each stage took.
         """
+        return self.label_nuclei(self.predict(image, diameter))
+
+    def predict(self, image: np.ndarray, diameter: float | None = None) -> Prediction:
+        """The network's part of ``segment``: the outputs over the whole image, with the diameter and scale."""
         # raises ImageReadError (a ValueError) that says what is wrong and how to fix it
         image = check_image(image, max_megapixels=np.inf)
         if diameter is not None:
             self.check_diameter(diameter)
-        given = diameter is not None
         started = time.perf_counter()
         kind = input_kind(image)
-        probabilities, diameter, scale = self.image_probabilities(prepare_input(image, kind), diameter)
-        predicted = time.perf_counter()
-        if diameter is None:
+        probabilities, found, scale = self.image_probabilities(prepare_input(image, kind), diameter)
+        if found is None:
             log.info("no nucleus found while estimating the diameter; using %.0f px", self.target_diameter)
-        labels = instances(probabilities, self.thresholds, diameter or self.target_diameter)
-        result = Segmentation(labels, diameter or self.target_diameter, scale, not given and diameter is not None,
-                              image=image)
+        return Prediction(probabilities, found or self.target_diameter, scale, diameter is None and found is not None,
+                          kind == STAIN, image, timings={"predict": time.perf_counter() - started})
+
+    def label_nuclei(self, prediction: Prediction) -> Segmentation:
+        """The rest of ``segment``: the nuclei from the network's outputs, and the quality estimate."""
+        started = time.perf_counter()
+        probabilities = prediction.probabilities
+        labels = instances(probabilities, self.thresholds, prediction.diameter)
+        result = Segmentation(labels, prediction.diameter, prediction.scale, prediction.diameter_estimated,
+                              image=prediction.image, metadata=prediction.metadata)
         if len(probabilities) >= 3:  # a network with a size output (every model since the size output came)
-            result.signals = quality_signals(probabilities, labels, self.target_diameter, scale, kind == STAIN)
+            result.signals = quality_signals(probabilities, labels, self.target_diameter, prediction.scale,
+                                             prediction.stained)
             if self.quality is not None:
                 result.quality = round(self.quality.estimate(result.signals), 4)
                 result.flagged = self.quality.flagged(result.quality)
-        result.timings = {"predict": predicted - started, "postprocess": time.perf_counter() - predicted}
+        result.timings = prediction.timings | {"postprocess": time.perf_counter() - started}
         return result
 
     def segment_file(self, path: str | os.PathLike, diameter: float | None = None, channel: int | None = None
@@ -261,6 +286,11 @@ class Segmenter:
         ``channel`` picks the nuclear channel of a multi-channel file (see ``io.read_image``). Raises
         ImageReadError, naming the file, for files that cannot be segmented and for blank images.
         """
+        return self.label_nuclei(self.predict_file(path, diameter, channel))
+
+    def predict_file(self, path: str | os.PathLike, diameter: float | None = None, channel: int | None = None
+                     ) -> Prediction:
+        """The network's part of ``segment_file``: read the file and predict (``predict``)."""
         started = time.perf_counter()
         image = read_image(path, self.config.max_megapixels, channel)
         low, high = _range(image)
@@ -268,9 +298,9 @@ class Segmenter:
             raise ImageReadError(f"{path}: image is blank (every pixel is {low:g})")
         metadata = read_metadata(path)
         read = time.perf_counter() - started
-        result = self.segment(image, diameter)
-        result.metadata, result.timings = metadata, {"read": read} | result.timings
-        return result
+        prediction = self.predict(image, diameter)
+        prediction.metadata, prediction.timings = metadata, {"read": read} | prediction.timings
+        return prediction
 
 
 def _range(image: np.ndarray) -> tuple[float, float]:
