@@ -43,6 +43,8 @@ SUMMARY_FIELDS = ["image", "nuclei", "median_area", "diameter", "diameter_estima
                   "path"]
 LOCK_NAME = ".nucleiseg.lock"
 RECORD_SUFFIX = ".done.json"
+# a larger image is finished before the next one is read, so that a batch of huge images holds one at a time
+OVERLAP_MAX_PIXELS = 16_000_000
 
 
 class OutputFolderError(ValueError):
@@ -313,6 +315,8 @@ def segment_batch(
                           "settings": settings}
                 finishing = (path, finisher.submit(finish_image, segmenter, prediction, path, out_dir / name,
                                                    outputs, options, record))
+                if prediction.image.shape[0] * prediction.image.shape[1] > OVERLAP_MAX_PIXELS:
+                    wait_for_the_image_before()
                 del prediction
             except Exception as exc:
                 wait_for_the_image_before()
