@@ -468,12 +468,17 @@ def test_a_failed_redo_leaves_no_stale_record(tmp_path, segmenter, monkeypatch):
     assert len(read_csv(out / f"{GOOD[0].stem}_nuclei.csv")) == labels.max()
 
 
-def test_a_write_failure_is_the_failure_of_its_own_image(tmp_path, segmenter, monkeypatch):
-    """Outputs are written while the next image is segmented: a failed write is still reported with its
-    image, and the images before and after it are done, in input order."""
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "one at a time"])
+def test_a_write_failure_is_the_failure_of_its_own_image(tmp_path, segmenter, monkeypatch, overlap):
+    """Outputs are written while the next image is segmented (or, for huge images, before it is read): a
+    failed write is still reported with its image, in input order with the other failures and the images
+    done before and after it."""
     import errno
 
-    from nucleiseg import outputs
+    from nucleiseg import batch, outputs
+
+    if not overlap:
+        monkeypatch.setattr(batch, "OVERLAP_MAX_PIXELS", 0)
 
     write_overlay = outputs.WRITERS["overlay"]
 
@@ -483,11 +488,11 @@ def test_a_write_failure_is_the_failure_of_its_own_image(tmp_path, segmenter, mo
         return write_overlay(result, base, options)
 
     monkeypatch.setitem(outputs.WRITERS, "overlay", full_for_the_second)
-    out = tmp_path / "out"
-    result = segment_batch(GOOD[:3], out, segmenter, diameter=15, progress=False)
+    out, missing = tmp_path / "out", tmp_path / "missing.png"
+    result = segment_batch([*GOOD[:2], missing, GOOD[2]], out, segmenter, diameter=15, progress=False)
     assert [row["path"] for row in result.done] == [str(GOOD[0]), str(GOOD[2])]
-    assert result.failed == [(str(GOOD[1]), f"{GOOD[1]}: its outputs could not be written to {out} "
-                                            "(No space left on device)")]
+    assert [path for path, _ in result.failed] == [str(GOOD[1]), str(missing)]
+    assert result.failed[0][1] == f"{GOOD[1]}: its outputs could not be written to {out} (No space left on device)"
     assert sorted(p.name for p in out.glob("*.done.json")) == sorted(f"{p.stem}.done.json" for p in (GOOD[0], GOOD[2]))
     assert [row["path"] for row in read_csv(out / "summary.csv")] == [str(GOOD[0]), str(GOOD[2])]
 

@@ -282,19 +282,19 @@ def segment_batch(
     names = output_names(inputs) if names is None else names
     settings = run_settings(segmenter, diameter, outputs, options, channel)
     key = settings_key(settings)
-    # the network runs on an image while a second thread draws the nuclei of the image before and writes
-    # its outputs: that work runs on one core, so the other would otherwise idle for half of the run
-    finishing: tuple[Path, Future] | None = None  # the image before and its summary row, when finished
+    # a second thread draws the nuclei of the image before and writes its outputs while the network runs
+    # on the next: that work uses one core, and the network's cores no longer wait for it
+    finishing: tuple[Path, Future] | None = None  # the image before, and its summary row when finished
 
     def wait_for_the_image_before() -> None:
         nonlocal finishing
         if finishing is not None:
-            path, summary = finishing
+            image, summary_row_when_done = finishing
             finishing = None
             try:
-                result.done.append(summary.result())
+                result.done.append(summary_row_when_done.result())
             except Exception as exc:
-                _failed(result, path, exc)
+                _failed(result, image, exc)
 
     with (lock_folder(out_dir) if tables else nullcontext(), logging_redirect_tqdm(),  # whole error lines
           ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucleiseg-finish") as finisher):
@@ -311,13 +311,12 @@ def segment_batch(
                 record_path.unlink(missing_ok=True)  # the outputs are rewritten: none counts as done until all are
                 prediction = segmenter.predict_file(path, diameter, channel)
                 wait_for_the_image_before()  # one image at a time waits to be finished: memory stays bounded
-                record = {"path": os.path.realpath(path), "input": _input_stamp(path), "key": key,
-                          "settings": settings}
-                finishing = (path, finisher.submit(finish_image, segmenter, prediction, path, out_dir / name,
+                record = {"path": os.path.realpath(path), "key": key, "settings": settings}
+                finishing = (path, finisher.submit(_finish_image, segmenter, prediction, path, out_dir / name,
                                                    outputs, options, record))
                 if prediction.image.shape[0] * prediction.image.shape[1] > OVERLAP_MAX_PIXELS:
                     wait_for_the_image_before()
-                del prediction
+                del prediction  # the finishing thread holds it as long as it needs it
             except Exception as exc:
                 wait_for_the_image_before()
                 _failed(result, path, exc)
@@ -328,8 +327,8 @@ def segment_batch(
     return result
 
 
-def finish_image(segmenter: Segmenter, prediction: Prediction, path: Path, base: Path, outputs: tuple[str, ...],
-                 options: OutputOptions, record: dict) -> dict:
+def _finish_image(segmenter: Segmenter, prediction: Prediction, path: Path, base: Path, outputs: tuple[str, ...],
+                  options: OutputOptions, record: dict) -> dict:
     """Draw the nuclei of the image at ``path`` from the network's ``prediction``, write its outputs next to
     ``base`` (output folder / output name), then its ``record`` with the summary row and the names of the
     files written. Returns the summary row."""
@@ -338,6 +337,7 @@ def finish_image(segmenter: Segmenter, prediction: Prediction, path: Path, base:
     log.debug("%s: %s", path, ", ".join(f"{k} {v:.2f} s" for k, v in segmentation.timings.items()))
     try:
         record["outputs"] = write_outputs(segmentation, base, outputs, options)
+        record["input"] = _input_stamp(path)
         with atomic_path(base.parent / f"{base.name}{RECORD_SUFFIX}") as tmp:
             tmp.write_text(json.dumps(record))
     except OSError as exc:

@@ -98,8 +98,8 @@ class OnnxPredictor:
             raise ValueError("the onnx engine needs onnxruntime: pip install onnxruntime") from exc
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # as many threads as --threads gives torch
-        # idle threads sleep instead of spinning: the spin took a core from the thread that writes the outputs
-        # of the image before (and from any other process) for no gain in the network's own time
+        # idle threads sleep instead of spinning: the spin took a core from the thread that finishes the image
+        # before (``batch.segment_batch``) and from any other process, for no gain in the network's own time
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.size_multiple, self.out_channels = size_multiple, out_channels
