@@ -2,7 +2,8 @@
 
     python benchmarks/batch_memory.py [--counts 10 65 1000] [--model default]
 
-The 65 stage1_test images are linked (symlinks) over and over into a temporary folder to make each batch,
+The 65 stage1_test images are copied over and over into a temporary folder to make each batch (links would be
+one input each: `nucleiseg segment` takes a file reached twice once),
 and `nucleiseg segment` runs on it in a child process; its peak resident memory is read from the OS.
 The ratio of the last peak to the first shows whether memory grows with the number of images.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +35,7 @@ def segment_peak_rss(inputs: list[str], out: Path, model: str) -> tuple[float, f
         [sys.executable, "-c", code, "segment", *inputs, "--out", str(out), "--model", model],
         capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"},
     )
-    if "PEAK" not in result.stdout:
+    if "PEAK" not in result.stdout or result.returncode != 0:
         raise RuntimeError(f"nucleiseg segment failed:\n{result.stderr}")
     peak_kb = int(result.stdout.split("PEAK")[-1].split()[0])
     return peak_kb / 1024, time.perf_counter() - started
@@ -44,7 +46,7 @@ def peak_rss_of_batch(count: int, model: str, work: Path) -> tuple[float, float]
     folder = work / f"in{count}"
     folder.mkdir()
     for i in range(count):
-        (folder / f"{i:05d}.png").symlink_to(Path(sources[i % len(sources)]).resolve())
+        shutil.copyfile(sources[i % len(sources)], folder / f"{i:05d}.png")
     return segment_peak_rss([str(folder)], work / f"out{count}", model)
 
 
