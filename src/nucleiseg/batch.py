@@ -314,9 +314,10 @@ def segment_batch(
                 record = {"path": os.path.realpath(path), "key": key, "settings": settings}
                 finishing = (path, finisher.submit(_finish_image, segmenter, prediction, path, out_dir / name,
                                                    outputs, options, record))
-                if prediction.image.shape[0] * prediction.image.shape[1] > OVERLAP_MAX_PIXELS:
-                    wait_for_the_image_before()
+                huge = prediction.image.shape[0] * prediction.image.shape[1] > OVERLAP_MAX_PIXELS
                 del prediction  # the finishing thread holds it as long as it needs it
+                if huge:
+                    wait_for_the_image_before()
             except Exception as exc:
                 wait_for_the_image_before()
                 _failed(result, path, exc)
