@@ -30,3 +30,26 @@ def test_measurements_equal_regionprops(validation_samples, index):
         np.testing.assert_allclose(ours[f"mean_intensity_{channel}"], theirs[f"intensity_mean{suffix}"], atol=1e-9)
         assert ours[f"max_intensity_{channel}"].dtype == image.dtype
         np.testing.assert_array_equal(ours[f"max_intensity_{channel}"], theirs[f"intensity_max{suffix}"])
+
+
+def test_the_solidity_of_thin_and_tiny_nuclei_equals_regionprops(validation_samples):
+    """Lines, single pixels and diagonal strokes are where a convex hull is degenerate; cut from a real label
+    image by keeping every 7th row, every 11th column and every 13th diagonal of each nucleus, and the first
+    pixel only of every third one."""
+    sample = validation_samples[3]
+    labels = sample.labels.astype(np.int32)
+    rows, cols = np.indices(labels.shape)
+    thin = np.where((rows % 7 == 0) | (cols % 11 == 0) | ((rows - cols) % 13 == 0), labels, 0)
+    present, first = np.unique(labels, return_index=True)
+    thin[labels % 3 == 0] = 0
+    thin.flat[first[present % 3 == 0]] = present[present % 3 == 0]
+    assert np.sum(np.bincount(thin.ravel())[1:] == 1) >= 10
+    ours = measure_nuclei(thin, sample.image)
+    theirs = regionprops_table(thin, properties=("label", "solidity"))
+    np.testing.assert_array_equal(ours["label"], theirs["label"])
+    np.testing.assert_allclose(ours["solidity"], theirs["solidity"], rtol=0, atol=1e-9)
+
+
+def test_an_image_without_nuclei_has_an_empty_table(validation_samples):
+    columns = measure_nuclei(np.zeros(validation_samples[0].labels.shape, np.int32), validation_samples[0].image)
+    assert all(len(values) == 0 for values in columns.values())

@@ -6,8 +6,8 @@ import csv
 import os
 
 import numpy as np
+import shapely
 from scipy import ndimage as ndi
-from skimage.measure import regionprops_table
 
 from nucleiseg.io import atomic_path
 
@@ -28,9 +28,9 @@ def measure_nuclei(labels: np.ndarray, image: np.ndarray,
     """Measure every nucleus of (H, W) ``labels`` on the (H, W[, C]) ``image`` as read.
 
     The values are those of ``skimage.measure.regionprops`` (area, centroid, bbox,
-    equivalent_diameter_area, eccentricity, solidity, intensity_mean, intensity_max); all but the solidity
-    are computed for every nucleus at once from sums over the pixels (regionprops computes them nucleus by
-    nucleus in Python, which cost more than writing the outputs).
+    equivalent_diameter_area, eccentricity, solidity, intensity_mean, intensity_max), computed for every
+    nucleus at once (regionprops computes them nucleus by nucleus in Python, which cost more than writing the
+    outputs; its convex hulls most of all).
 
     Parameters
     ----------
@@ -84,7 +84,7 @@ def measure_nuclei(labels: np.ndarray, image: np.ndarray,
         "bbox_max_x": np.array([boxes[i - 1][1].stop for i in present], int),
         "equivalent_diameter": np.sqrt(4 * area / np.pi),
         "eccentricity": eccentricity,
-        "solidity": np.asarray(regionprops_table(labels, properties=("solidity",))["solidity"], float),
+        "solidity": area / convex_areas(labels, present),
     }
     if pixel_size is not None:
         columns["area_um2"] = columns["area"] * (pixel_size[0] * pixel_size[1])
@@ -97,6 +97,50 @@ def measure_nuclei(labels: np.ndarray, image: np.ndarray,
     for i, channel in enumerate(names):
         columns[f"max_intensity_{channel}"] = highest[present, i]
     return columns
+
+
+# the offsets of a pixel's edge midpoints from its centre: skimage's convex hull of a region is that of the
+# midpoints of its pixels' edges (``skimage.morphology.convex_hull_image``)
+EDGE_MIDPOINTS = np.array([[0, -0.5], [0, 0.5], [-0.5, 0], [0.5, 0]])
+
+
+def convex_areas(labels: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """The convex area of each nucleus in ``present`` (sorted labels of ``labels``), as regionprops'
+    ``area_convex`` counts it: the pixels whose centres lie in or on the convex hull of the nucleus' pixel
+    edges. All nuclei at once: shapely's hulls, then the pixels each hull spans on each row."""
+    if not len(present):
+        return np.zeros(0)
+    # a corner of a nucleus' hull is its first or last pixel both on its row and on its column
+    padded = np.pad(labels, 1)
+    middle = padded[1:-1, 1:-1]
+    ends = ((middle > 0) & ((middle != padded[1:-1, :-2]) | (middle != padded[1:-1, 2:]))
+            & ((middle != padded[:-2, 1:-1]) | (middle != padded[2:, 1:-1])))
+    rows, cols = np.nonzero(ends)
+    index = np.searchsorted(present, labels[rows, cols])
+    order = np.argsort(index, kind="stable")
+    centres = shapely.convex_hull(shapely.multipoints(np.stack([cols, rows], axis=1)[order], indices=index[order]))
+    # the hull of the pixels' edge midpoints is that of the corners of the centres' hull, each moved by each offset
+    corners, owner = shapely.get_coordinates(centres, return_index=True)
+    points = (corners[:, None, :] + EDGE_MIDPOINTS).reshape(-1, 2)
+    hulls = shapely.convex_hull(shapely.multipoints(points, indices=np.repeat(owner, len(EDGE_MIDPOINTS))))
+    corners, owner = shapely.get_coordinates(hulls, return_index=True)
+    edge = owner[:-1] == owner[1:]  # each ring is closed, so consecutive corners of one hull are its edges
+    (x0, y0), (x1, y1), owner = corners[:-1][edge].T, corners[1:][edge].T, owner[:-1][edge]
+    # where each edge that is not horizontal crosses each pixel row (centres at integer rows, ends included):
+    # the two ends of the hull on every row it spans (a horizontal edge's ends are those of its neighbours)
+    eps = 1e-9  # points on the hull count as inside
+    first = np.ceil(np.minimum(y0, y1) - eps).astype(int)
+    crossed = np.where(y0 != y1, np.floor(np.maximum(y0, y1) + eps).astype(int) - first + 1, 0)
+    which = np.repeat(np.arange(len(x0)), crossed)
+    row = first[which] + np.arange(len(which)) - np.repeat(np.cumsum(crossed) - crossed, crossed)
+    x = x0[which] + (row - y0[which]) * (x1[which] - x0[which]) / (y1[which] - y0[which])
+    hull = owner[which]
+    order = np.argsort(hull * (labels.shape[0] + 1) + row, kind="stable")
+    hull, row, x = hull[order], row[order], x[order]
+    starts = np.flatnonzero(np.r_[True, (hull[1:] != hull[:-1]) | (row[1:] != row[:-1])])
+    left, right = np.minimum.reduceat(x, starts), np.maximum.reduceat(x, starts)
+    pixels = np.floor(right + eps) - np.ceil(left - eps) + 1
+    return np.bincount(hull[starts], weights=pixels, minlength=len(present))
 
 
 def _lowest(dtype: np.dtype):
