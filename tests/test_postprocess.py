@@ -37,6 +37,20 @@ def test_clean_removes_small_objects_fills_holes_and_relabels():
     assert out[6, 6] == 1 and out[2:12, 2:12].all()
 
 
+def test_clean_keeps_the_largest_piece_and_fills_only_what_one_object_encloses():
+    labels = np.zeros((30, 40), np.int32)
+    labels[2:12, 2:12] = 3
+    labels[2:4, 20:23] = 3  # a detached fragment of 3: dropped
+    # 7 and 8 together enclose a gap, which stays background; 8 has a hole of its own, filled
+    labels[15:25, 2:12], labels[15:25, 12:22] = 7, 8
+    labels[18:22, 9:15] = 0
+    labels[20, 18] = 0
+    out = clean(labels, min_area=10)
+    assert set(np.unique(out)) == {0, 1, 2, 3}
+    assert (out == 1).sum() == 100 and not out[2:4, 20:23].any()
+    assert not out[18:22, 9:15].any() and out[20, 18] == 3
+
+
 def test_instances_rejects_wrong_shape():
     with pytest.raises(ValueError, match=r"\(K, H, W\) probabilities with K >= 2"):
         instances(np.zeros((1, 4, 4)), PostprocessConfig())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.measure import label
 from skimage.segmentation import watershed
 
 from nucleiseg.config import TARGET_DIAMETER, PostprocessConfig
@@ -73,20 +74,50 @@ def _instances(probabilities: np.ndarray, thresholds: PostprocessConfig, diamete
 
 
 def clean(labels: np.ndarray, min_area: float) -> np.ndarray:
-    """Drop objects under ``min_area`` pixels, fill holes, keep one connected piece per object, relabel 1..N."""
-    out = np.zeros(labels.shape, np.int32)
-    next_label = 1
-    for index, box in enumerate(ndi.find_objects(labels), start=1):
-        if box is None:
-            continue
-        mask = labels[box] == index
-        if mask.sum() < min_area:
-            continue
-        pieces, n = ndi.label(mask)
-        if n > 1:  # watershed can leave detached fragments: keep the largest
-            mask = pieces == np.argmax(np.bincount(pieces.ravel())[1:]) + 1
-        free = ndi.binary_fill_holes(mask) & (out[box] == 0)
-        if free.any():  # a nucleus inside another's filled hole has nothing left
-            out[box][free] = next_label
-            next_label += 1
-    return out
+    """Drop objects under ``min_area`` pixels, keep the largest connected piece of each, fill the holes
+    that one object encloses, relabel 1..N in the order of the labels. All objects at once."""
+    area = np.bincount(labels.ravel())
+    keep = area >= min_area
+    keep[0] = False
+    labels = np.where(keep[labels], labels, 0)
+    # watershed can leave detached fragments: keep the largest piece (the first of equal ones)
+    pieces, n_pieces = label(labels, connectivity=1, return_num=True)
+    if n_pieces > np.count_nonzero(keep):
+        owner = np.zeros(n_pieces + 1, np.int64)
+        owner[pieces.ravel()] = labels.ravel()
+        size = np.bincount(pieces.ravel(), minlength=n_pieces + 1)
+        order = np.lexsort((np.arange(n_pieces + 1), -size, owner))
+        largest = np.zeros(n_pieces + 1, bool)
+        largest[order[np.r_[True, owner[order][1:] != owner[order][:-1]]]] = True
+        largest[0] = False
+        labels = np.where(largest[pieces], labels, 0)
+    labels = _fill_enclosed(labels)
+    relabel = np.zeros(len(keep), np.int32)
+    relabel[keep] = np.arange(1, np.count_nonzero(keep) + 1)
+    return relabel[labels]
+
+
+def _fill_enclosed(labels: np.ndarray) -> np.ndarray:
+    """Give each background region that touches no image edge and borders one object only to that object
+    (``ndi.binary_fill_holes`` on each object; a region bordered by several objects stays background)."""
+    background, n_regions = ndi.label(labels == 0)
+    if n_regions < 2:  # the background in one piece: no hole anywhere
+        return labels
+    # (background region, object) for every pair of side-by-side pixels, both ways
+    region = np.concatenate([background[:, :-1].ravel(), background[:, 1:].ravel(),
+                             background[:-1].ravel(), background[1:].ravel()])
+    neighbour = np.concatenate([labels[:, 1:].ravel(), labels[:, :-1].ravel(),
+                                labels[1:].ravel(), labels[:-1].ravel()])
+    touching = (region > 0) & (neighbour > 0)
+    region, neighbour = region[touching], neighbour[touching]
+    lowest = np.full(n_regions + 1, np.iinfo(np.int64).max)
+    highest = np.zeros(n_regions + 1, np.int64)
+    np.minimum.at(lowest, region, neighbour)
+    np.maximum.at(highest, region, neighbour)
+    enclosed = lowest == highest
+    edges = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    enclosed[edges] = False
+    enclosed[0] = False
+    if not enclosed.any():
+        return labels
+    return np.where(enclosed[background], highest[background], labels).astype(labels.dtype)
