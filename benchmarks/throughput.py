@@ -31,7 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from nucleiseg.config import TrainConfig, load_json
 from nucleiseg.data import PatchSampler, image_type, load_split, prepare_training_image
 from nucleiseg.io import load_dataset
-from nucleiseg.model import build_model, load_model
+from nucleiseg.model import load_model
+from nucleiseg.network import build_model
 from nucleiseg.outputs import DEFAULT_OUTPUTS, WRITERS, OutputOptions
 from nucleiseg.segment import Segmenter
 from nucleiseg.train import loss_fn

@@ -62,7 +62,8 @@ def tiny_model(tmp_path_factory, validation_samples) -> Path:
 
     from nucleiseg.config import ModelConfig, PostprocessConfig
     from nucleiseg.data import prepare_input
-    from nucleiseg.model import ModelBundle, UNet, save_model
+    from nucleiseg.model import ModelBundle, save_model
+    from nucleiseg.network import UNet
 
     torch.manual_seed(0)
     network = UNet(base_channels=4, depth=2)

@@ -27,7 +27,8 @@ from PIL import Image
 from nucleiseg.batch import segment_batch
 from nucleiseg.config import TrainConfig, from_dict
 from nucleiseg.io import read_image
-from nucleiseg.model import UNet, load_model
+from nucleiseg.model import load_model
+from nucleiseg.network import UNet
 from nucleiseg.segment import Segmenter
 
 from .conftest import REPO

@@ -11,7 +11,8 @@ import torch
 from nucleiseg.cli import main
 from nucleiseg.config import ModelConfig, TrainConfig
 from nucleiseg.io import load_dataset, write_labels
-from nucleiseg.model import build_model, load_model
+from nucleiseg.model import load_model
+from nucleiseg.network import build_model
 from nucleiseg.train import start_from
 
 from .conftest import VALIDATION

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nucleiseg.config import ModelConfig, TrainConfig, from_dict, load_json, save_json
-from nucleiseg.model import ModelBundle, UNet, build_model, load_model, save_model
+from nucleiseg.model import ModelBundle, load_model, save_model
+from nucleiseg.network import UNet, build_model
 
 
 @pytest.mark.parametrize(("depth", "base", "size"), [(1, 2, (16, 16)), (3, 4, (64, 48)), (4, 8, (32, 80))])

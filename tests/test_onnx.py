@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from nucleiseg.io import read_image
-from nucleiseg.model import load_model
+from nucleiseg.model import gpu_driver_present, load_model
+from nucleiseg.network import weights_digest
 from nucleiseg.predict import make_predictor
 from nucleiseg.segment import Segmenter
 
@@ -60,6 +61,19 @@ def test_auto_engine_runs_the_shipped_export_on_the_cpu_with_the_same_labels(mod
     assert isinstance(auto.predictor, OnnxPredictor) and isinstance(torch_.predictor, TorchPredictor)
     assert isinstance(Segmenter(device="cpu", bf16=True).predictor, TorchPredictor)
     assert np.array_equal(auto.segment(image).labels, torch_.segment(image).labels)
+
+
+@pytest.mark.skipif(gpu_driver_present(), reason="with a GPU driver, PyTorch is asked whether it sees a GPU")
+def test_an_up_to_date_export_segments_without_importing_pytorch(onnx_model):
+    """PyTorch's import is most of a run's start-up: the export names the weights.pt it was made from, so
+    the onnx engine checks it without reading the weights."""
+    image = str(SAMPLES / "fluorescence_sparse.png")
+    check = ("import sys; from nucleiseg.segment import Segmenter; from nucleiseg.io import read_image; "
+             f"s = Segmenter({str(onnx_model)!r}); r = s.segment(read_image({image!r})); "
+             "print(type(s.predictor).__name__, s.settings()['weights'], 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["OnnxPredictor", weights_digest(load_model(onnx_model).network), "False"]
 
 
 def test_a_stale_export_is_never_run(tmp_path, onnx_model, caplog):

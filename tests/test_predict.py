@@ -59,7 +59,7 @@ def test_tiles_cover_and_overlap():
 
 def test_tiled_network_equals_untiled(validation_samples):
     from nucleiseg.data import prepare_input
-    from nucleiseg.model import UNet
+    from nucleiseg.network import UNet
     from nucleiseg.predict import predict_probabilities
 
     torch.manual_seed(0)
@@ -73,15 +73,29 @@ def test_tiled_network_equals_untiled(validation_samples):
 
 
 def test_pad_to_multiple():
-    assert pad_to_multiple(torch.ones(1, 1, 5, 33), 16).shape == (1, 1, 16, 48)
-    padded = pad_to_multiple(torch.arange(40.0).reshape(1, 1, 40, 1).expand(1, 1, 40, 40), 16)
+    assert pad_to_multiple(np.ones((1, 1, 5, 33)), 16).shape == (1, 1, 16, 48)
+    padded = pad_to_multiple(np.broadcast_to(np.arange(40.0).reshape(1, 1, 40, 1), (1, 1, 40, 40)), 16)
     assert padded.shape == (1, 1, 48, 48) and padded[0, 0, 40, 0] == 38  # mirrored, not zero
+
+
+@pytest.mark.parametrize("scale", [0.37, 0.5, 0.8, 1.7, 2.0, 3.3])
+def test_resize_is_torchs_bilinear_with_antialias_where_it_shrinks(validation_samples, scale):
+    """Pillow resizes without PyTorch, as torch.nn.functional.interpolate does (its antialias follows
+    Pillow's), up to float rounding."""
+    from nucleiseg.data import prepare_input
+    from nucleiseg.predict import resize
+
+    x = prepare_input(validation_samples[1].image)[None, None]
+    size = (round(x.shape[2] * scale), round(x.shape[3] * scale))
+    expected = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode="bilinear", antialias=scale < 1,
+                                               align_corners=False).numpy()
+    np.testing.assert_allclose(resize(x, size), expected, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("scale", [0.5, 2.0])
 def test_tiles_at_another_scale_equal_the_whole_image(validation_samples, scale):
     from nucleiseg.data import prepare_input
-    from nucleiseg.model import UNet
+    from nucleiseg.network import UNet
     from nucleiseg.predict import predict_probabilities
 
     torch.manual_seed(0)
@@ -140,7 +154,7 @@ def test_segmenter_runs_any_predictor_with_any_number_of_outputs(validation_samp
 
 def test_tta_and_bf16_are_settings_of_the_config():
     torch.manual_seed(0)
-    from nucleiseg.model import UNet
+    from nucleiseg.network import UNet
     from nucleiseg.predict import predict_probabilities
 
     network = UNet(base_channels=4, depth=2).eval()

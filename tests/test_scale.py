@@ -17,7 +17,7 @@ from nucleiseg.batch import segment_batch
 from nucleiseg.cli import main
 from nucleiseg.io import find_images, read_image, read_labels
 from nucleiseg.metrics import match
-from nucleiseg.model import select_device
+from nucleiseg.network import select_device
 from nucleiseg.segment import Segmenter
 from tests.conftest import REPO, VALIDATION
 

@@ -170,13 +170,12 @@ def inference_settings(args) -> dict:
 
 def _segment_setup(args):
     """What ``segment`` and ``benchmark`` share: the threads, the segmenter, the outputs and their options."""
-    import torch
-
     from nucleiseg.outputs import OutputOptions
+    from nucleiseg.predict import set_threads
     from nucleiseg.segment import Segmenter
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     segmenter = Segmenter(args.model, device=args.device, **inference_settings(args))
     outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
     return segmenter, outputs, OutputOptions(args.format, args.pixel_size)

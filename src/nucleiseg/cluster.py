@@ -38,6 +38,7 @@ from nucleiseg.batch import (
     write_tables,
 )
 from nucleiseg.outputs import DEFAULT_OUTPUTS, OutputOptions, check_outputs
+from nucleiseg.predict import set_threads
 from nucleiseg.segment import Segmenter
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ PART = 16  # images per task
 
 _segmenters: dict[bytes, Segmenter] = {}
 _segmenters_lock = threading.Lock()
-_worker_threads: int | None = None  # torch threads per task thread of this worker process (ThreadPinning)
+_worker_threads: int | None = None  # network threads per task thread of this worker process (ThreadPinning)
 
 
 def worker_segmenter(spec: bytes) -> Segmenter:
@@ -64,7 +65,7 @@ def segmenter_spec(segmenter: Segmenter) -> bytes:
 
 
 class ThreadPinning(WorkerPlugin):
-    """Give each worker's torch its share of its host's cores, so N workers on N cores do not run N x N
+    """Give each worker's network its share of its host's cores, so N workers on N cores do not run N x N
     threads. The nanny already starts workers with OMP/MKL/OPENBLAS_NUM_THREADS=1 (Dask's
     ``distributed.nanny.pre-spawn-environ``); a restarted worker runs ``setup`` again. It also undoes the
     nanny's MALLOC_TRIM_THRESHOLD_ (``batch.reuse_freed_memory``), which doubled the network's time.
@@ -72,7 +73,7 @@ class ThreadPinning(WorkerPlugin):
     Parameters
     ----------
     threads : int, optional
-        Torch threads per worker thread; by default the cores this process may use divided by the
+        Network threads per worker thread; by default the cores this process may use divided by the
         worker threads on its host (``workers_per_host`` times the worker's ``nthreads``).
     workers_per_host : dict, optional
         Host name -> worker processes on it, as the scheduler listed them.
@@ -84,15 +85,13 @@ class ThreadPinning(WorkerPlugin):
         self.threads, self.workers_per_host = threads, workers_per_host or {}
 
     def setup(self, worker) -> None:
-        import torch
-
         threads = self.threads
         if threads is None:
             host_workers = self.workers_per_host.get(urlparse(worker.address).hostname, 1)
             threads = max(1, len(os.sched_getaffinity(0)) // (host_workers * worker.state.nthreads))
         global _worker_threads
         _worker_threads = threads
-        torch.set_num_threads(threads)
+        set_threads(threads)
         reuse_freed_memory()
 
 
@@ -119,10 +118,8 @@ def _segment_part(spec: bytes, paths: list[Path], names: list[str], out_dir: Pat
                   outputs: tuple[str, ...], options: OutputOptions, overwrite: bool,
                   channel: int | None) -> BatchResult:
     if _worker_threads is not None:
-        import torch
-
         # OpenMP's thread count is per thread: a task thread starts with the nanny's OMP_NUM_THREADS=1
-        torch.set_num_threads(_worker_threads)
+        set_threads(_worker_threads)
     return segment_batch(paths, out_dir, worker_segmenter(spec), diameter, outputs, options, overwrite,
                          progress=False, channel=channel, names=names, tables=False)
 

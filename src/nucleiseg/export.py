@@ -21,8 +21,9 @@ from PIL import Image
 
 from nucleiseg.data import DARK_BACKGROUND, SIZE_RANGE, input_kind, normalise, prepare_input
 from nucleiseg.io import atomic_path, read_image, to_gray
-from nucleiseg.model import TRAIN_CONFIG, ModelBundle, weights_digest
-from nucleiseg.predict import WEIGHTS_KEY, torch_predictor
+from nucleiseg.model import TRAIN_CONFIG, WEIGHTS, ModelBundle, file_digest
+from nucleiseg.network import load_network, weights_digest
+from nucleiseg.predict import WEIGHTS_FILE_KEY, WEIGHTS_KEY, torch_predictor
 
 ONNX_OPSET = 17
 
@@ -69,9 +70,26 @@ def export_onnx(model: ModelBundle, out: str | os.PathLike) -> None:
                           dynamic_axes={"input": dynamic, "logits": dynamic}, opset_version=ONNX_OPSET,
                           dynamo=False)
         exported = onnx.load(str(tmp))
-        # the onnx engine checks this against the model folder's weights, so a stale export is never run
-        onnx.helper.set_model_props(exported, {WEIGHTS_KEY: weights_digest(network)})
+        # the onnx engine checks these against the model folder's weights, so a stale export is never run
+        onnx.helper.set_model_props(exported, export_names(model))
         onnx.save(exported, str(tmp))
+
+
+def export_names(model: ModelBundle) -> dict[str, str]:
+    """ONNX metadata naming the weights an export is made of: their ``weights_digest`` and, where they are
+    those of the model folder's weights.pt, that file's ``file_digest``, which the onnx engine checks
+    without PyTorch (``predict.onnx_predictor``)."""
+    digest = weights_digest(model.network)
+    names = {WEIGHTS_KEY: digest}
+    weights = model.folder / WEIGHTS if model.folder is not None else None
+    if weights is not None and weights.is_file():
+        try:
+            saved = weights_digest(load_network(weights, model.architecture, model.config))
+        except ValueError:  # the file does not hold this network
+            saved = None
+        if saved == digest:
+            names[WEIGHTS_FILE_KEY] = file_digest(weights)
+    return names
 
 
 def export_bioimageio(model: ModelBundle, out_dir: str | os.PathLike) -> Path:

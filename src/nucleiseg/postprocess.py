@@ -75,7 +75,8 @@ def _instances(probabilities: np.ndarray, thresholds: PostprocessConfig, diamete
 
 def clean(labels: np.ndarray, min_area: float) -> np.ndarray:
     """Drop objects under ``min_area`` pixels, keep the largest connected piece of each, fill the holes
-    that one object encloses, relabel 1..N in the order of the labels. All objects at once."""
+    that one object encloses (an object inside another's hole stays an object), relabel 1..N in the order
+    of the labels. All objects at once."""
     area = np.bincount(labels.ravel())
     keep = area >= min_area
     keep[0] = False

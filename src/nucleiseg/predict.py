@@ -4,19 +4,20 @@ A *predictor* runs a network: it maps a (B, C, h, w) float32 array, h and w mult
 ``size_multiple``, to (B, K, h, w) probabilities. Everything else (tiling, blending, rescaling, padding,
 test-time augmentation) is done here around any predictor, so that another engine (ONNX Runtime, CUDA, a
 remote server) is one class or function plus one line in ``PREDICTORS``, and tests can use a pointwise
-function with a known answer.
+function with a known answer. Only the torch engine imports PyTorch.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from PIL import Image
 from scipy.special import expit
 
 from nucleiseg.config import InferenceConfig
@@ -24,11 +25,29 @@ from nucleiseg.config import InferenceConfig
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    import torch
+
     from nucleiseg.model import ModelBundle
 
 TILE_BATCH = 4  # tiles per network call
 GPU_TILE_BATCH = 16  # a GPU is mostly idle on 4 tiles of 512 x 512
 ArrayFunction = Callable[[np.ndarray], np.ndarray]  # (B, C, h, w) float32 -> (B, K, h, w) float32
+_threads: int | None = None  # the network's threads (``set_threads``); None: each engine's own default
+
+
+def set_threads(count: int) -> None:
+    """Run the network on ``count`` threads: torch's now (OpenMP counts them per calling thread), and the
+    onnxruntime sessions made from now on."""
+    global _threads
+    _threads = count
+    if "torch" in sys.modules:  # not imported for it: the onnx engine runs without torch
+        sys.modules["torch"].set_num_threads(count)
+
+
+def threads() -> int:
+    """The threads a new onnxruntime session gets: as set, else OMP_NUM_THREADS as for torch, else 0
+    (onnxruntime's default, one per physical core, as torch's)."""
+    return _threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
 
 
 class Predictor(Protocol):
@@ -58,16 +77,24 @@ class TorchPredictor:
     """
 
     def __init__(self, network: torch.nn.Module, size_multiple: int, out_channels: int, bf16: bool = False):
+        import torch
+
+        if _threads:
+            torch.set_num_threads(_threads)
         # channels-last convolutions are about 1.5x faster on the CPU (oneDNN) and GPUs
         self.network = network.eval().to(memory_format=torch.channels_last)
         self.size_multiple, self.out_channels, self.bf16 = size_multiple, out_channels, bf16
 
     @property
     def batch_size(self) -> int:
+        import torch
+
         device = next(self.network.parameters(), torch.empty(0)).device
         return TILE_BATCH if device.type == "cpu" else GPU_TILE_BATCH
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
         # the CPU, or a GPU the network was moved to
         device = next(self.network.parameters(), torch.empty(0)).device
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -97,7 +124,7 @@ class OnnxPredictor:
         except ImportError as exc:
             raise ValueError("the onnx engine needs onnxruntime: pip install onnxruntime") from exc
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # as many threads as --threads gives torch
+        options.intra_op_num_threads = threads()
         # idle threads sleep instead of spinning: the spin took a core from the thread that finishes the image
         # before (``batch.segment_batch``) and from any other process, for no gain in the network's own time
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -106,8 +133,13 @@ class OnnxPredictor:
 
     @property
     def weights(self) -> str | None:
-        """``model.weights_digest`` of the weights it was exported from (``export.export_onnx`` records it)."""
+        """``network.weights_digest`` of the weights it was exported from (``export.export_onnx`` records it)."""
         return self.session.get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY)
+
+    @property
+    def weights_file(self) -> str | None:
+        """``model.file_digest`` of the weights.pt it was exported from, where the export recorded it."""
+        return self.session.get_modelmeta().custom_metadata_map.get(WEIGHTS_FILE_KEY)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run(["logits"], {"input": np.ascontiguousarray(batch, np.float32)})
@@ -116,11 +148,14 @@ class OnnxPredictor:
 
 ONNX_FILE = "model.onnx"  # where the onnx engine looks for the export in a model folder
 WEIGHTS_KEY = "nucleiseg_weights"  # ONNX metadata: the weights_digest of the network it was exported from
+WEIGHTS_FILE_KEY = "nucleiseg_weights_file"  # ONNX metadata: the file_digest of the weights.pt that holds it
 
 
 def onnx_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
-    """onnxruntime on the model folder's model.onnx, which must be an export of the folder's weights."""
-    from nucleiseg.model import weights_digest
+    """onnxruntime on the model folder's model.onnx, which must be an export of the folder's weights: the
+    export names the bytes of the weights.pt it was made from, so they are checked without PyTorch (an
+    export without that name is checked against the weights read with PyTorch)."""
+    from nucleiseg.model import WEIGHTS, file_digest
 
     path = model.folder / ONNX_FILE if model.folder is not None else None
     if path is None or not path.is_file():
@@ -129,16 +164,23 @@ def onnx_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
     if config.bf16:
         raise ValueError("--bf16 is for the torch engine; the onnx engine runs in float32")
     predictor = OnnxPredictor(path, model.size_multiple, model.out_channels)
-    if predictor.weights != weights_digest(model.network):
-        raise ValueError(f"{path} was not exported from the weights of {model.folder / 'weights.pt'}; export it "
-                         f"again: nucleiseg export MODEL --format onnx --out {path}")
+    weights = model.folder / WEIGHTS
+    if model.network_loaded or predictor.weights_file is None or not weights.is_file() \
+            or predictor.weights_file != file_digest(weights):
+        from nucleiseg.network import weights_digest
+
+        if predictor.weights != weights_digest(model.network):
+            raise ValueError(f"{path} was not exported from the weights of {weights}; export it again: "
+                             f"nucleiseg export MODEL --format onnx --out {path}")
     return predictor
 
 
 def auto_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
     """onnxruntime where it runs the same network faster (the CPU, float32, an up-to-date export in the
     model folder); torch otherwise (a GPU, bf16, no export)."""
-    on_cpu = next(model.network.parameters(), torch.empty(0)).device.type == "cpu"
+    # a network not read yet will be read onto the CPU
+    weight = next(model.network.parameters(), None) if model.network_loaded else None
+    on_cpu = weight is None or weight.device.type == "cpu"
     if on_cpu and not config.bf16 and model.folder is not None and (model.folder / ONNX_FILE).is_file():
         try:
             return onnx_predictor(model, config)
@@ -176,15 +218,26 @@ def taper(tile: int, overlap: int) -> np.ndarray:
     return np.clip(ramp, 1e-3, 1).astype(np.float32)
 
 
-def pad_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
+def pad_to_multiple(batch: np.ndarray, multiple: int) -> np.ndarray:
     """Pad the last two axes of (B, C, H, W) at the bottom and right up to a multiple of ``multiple``
     (mirroring the image where it is large enough, else repeating its edge)."""
     h, w = batch.shape[-2:]
     ph, pw = -h % multiple, -w % multiple
     if not (ph or pw):
         return batch
-    mode = "reflect" if min(h, w) > max(ph, pw) else "replicate"
-    return torch.nn.functional.pad(batch, (0, pw, 0, ph), mode=mode)
+    mode = "reflect" if min(h, w) > max(ph, pw) else "edge"
+    return np.pad(batch, ((0, 0), (0, 0), (0, ph), (0, pw)), mode=mode)
+
+
+def resize(batch: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(B, C, h, w) float32 -> (B, C, *size), each plane resized bilinearly by Pillow: smoothed over the pixels
+    each output pixel covers where it shrinks (as ``torch.nn.functional.interpolate`` with antialias does),
+    interpolated where it grows."""
+    out = np.empty(batch.shape[:2] + tuple(size), np.float32)
+    for index in np.ndindex(batch.shape[:2]):
+        plane = Image.fromarray(np.ascontiguousarray(batch[index], np.float32))
+        out[index] = np.asarray(plane.resize(size[::-1], Image.Resampling.BILINEAR))
+    return out
 
 
 def predict_tiled(
@@ -269,6 +322,8 @@ def predict_region(
 
 def bf16_is_fast() -> bool:
     """True where the CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
+    import torch
+
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -280,27 +335,21 @@ def rescaled(predictor: Predictor, scale: float = 1.0, tta: bool = False) -> Arr
     averaged over the four flips.
     """
 
-    def forward(batch: torch.Tensor) -> torch.Tensor:
+    def forward(batch: np.ndarray) -> np.ndarray:
         h, w = batch.shape[-2:]
         if scale != 1.0:
-            size = (max(1, round(h * scale)), max(1, round(w * scale)))
-            batch = F.interpolate(batch, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
+            batch = resize(batch, (max(1, round(h * scale)), max(1, round(w * scale))))
         sh, sw = batch.shape[-2:]
-        prob = torch.from_numpy(predictor(pad_to_multiple(batch, predictor.size_multiple).numpy()))[..., :sh, :sw]
-        if scale != 1.0:
-            prob = F.interpolate(prob, size=(h, w), mode="bilinear", antialias=scale > 1, align_corners=False)
-        return prob
+        prob = predictor(pad_to_multiple(batch, predictor.size_multiple))[..., :sh, :sw]
+        return resize(prob, (h, w)) if scale != 1.0 else prob
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(batch)
-        with torch.inference_mode():
-            if not tta:
-                return forward(batch).numpy()
-            total = torch.zeros(())
-            for dims in ((), (-1,), (-2,), (-2, -1)):
-                prob = forward(torch.flip(batch, dims) if dims else batch)
-                total = total + (torch.flip(prob, dims) if dims else prob)
-            return (total / 4).numpy()
+        if not tta:
+            return forward(batch)
+        total = np.zeros((), np.float32)
+        for axes in ((), (-1,), (-2,), (-2, -1)):
+            total = total + np.flip(forward(np.flip(batch, axes)), axes)
+        return total / 4
 
     return predict
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from nucleiseg.config import ModelConfig, save_json
 from nucleiseg.io import Sample, atomic_path, to_rgb_uint8
-from nucleiseg.model import UNet, build_model
+from nucleiseg.network import UNet, build_model
 
 log = logging.getLogger(__name__)
 

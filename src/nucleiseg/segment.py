@@ -21,9 +21,9 @@ import numpy as np
 from nucleiseg.config import InferenceConfig
 from nucleiseg.data import STAIN, decode_size, input_kind, prepare_input, scale_factor
 from nucleiseg.io import ImageMetadata, ImageReadError, check_image, read_image, read_metadata, to_gray
-from nucleiseg.model import DEFAULT_MODEL, ModelBundle, load_model, select_device, weights_digest
+from nucleiseg.model import DEFAULT_MODEL, ModelBundle, gpu_driver_present, load_model
 from nucleiseg.postprocess import instances
-from nucleiseg.predict import Predictor, make_predictor, predict_probabilities
+from nucleiseg.predict import OnnxPredictor, Predictor, make_predictor, predict_probabilities
 from nucleiseg.quality import load_quality, quality_signals
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class Segmenter:
         if isinstance(model, ModelBundle):
             self.bundle, self.source = model, None
         else:
-            self.bundle = load_model(model)
+            self.bundle = load_model(model, lazy=True)  # the onnx engine does not read the weights
             folder = Path(model)
             self.source = str(folder.resolve()) if folder.is_dir() else str(model)  # a shipped model's name
         config = config or self.bundle.inference
@@ -121,7 +121,11 @@ class Segmenter:
         self.custom_predictor = predictor is not None
         # the name, not the torch.device: a worker process that rebuilds this Segmenter picks its own GPU
         self.device = device
-        if predictor is None:
+        # on a machine without a GPU driver the network stays on the CPU, where it is read, without asking
+        # PyTorch (its import is most of the start-up)
+        if predictor is None and device != "cpu" and (device != "auto" or gpu_driver_present()):
+            from nucleiseg.network import select_device
+
             self.bundle.network.to(select_device(device))
         self.predictor = predictor or make_predictor(self.bundle, self.config)
         self.quality = load_quality(self.bundle.folder)
@@ -145,8 +149,14 @@ class Segmenter:
         predictor and every inference setting."""
         import nucleiseg
 
+        if isinstance(self.predictor, OnnxPredictor) and not self.custom_predictor:  # checked: these weights
+            weights = self.predictor.weights
+        else:
+            from nucleiseg.network import weights_digest
+
+            weights = weights_digest(self.bundle.network)
         return {"version": nucleiseg.__version__, "architecture": self.bundle.architecture,
-                "weights": weights_digest(self.bundle.network), "predictor": type(self.predictor).__name__,
+                "weights": weights, "predictor": type(self.predictor).__name__,
                 "inference": asdict(self.config), "quality": self.quality and asdict(self.quality)}
 
     def check_diameter(self, diameter: float) -> None:

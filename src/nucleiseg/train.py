@@ -25,7 +25,8 @@ from nucleiseg.config import TrainConfig, load_json, save_json
 from nucleiseg.data import PatchSampler, load_split, prepare_training_image
 from nucleiseg.io import Sample, atomic_path
 from nucleiseg.metrics import score
-from nucleiseg.model import ModelBundle, build_model, save_model, select_device
+from nucleiseg.model import ModelBundle, save_model
+from nucleiseg.network import build_model, select_device
 
 log = logging.getLogger(__name__)
 
