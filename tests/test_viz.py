@@ -2,7 +2,7 @@ import numpy as np
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
-from nucleiseg.viz import comparison_figure, label_colours, overlay, plot_history
+from nucleiseg.viz import comparison_figure, inner_boundaries, label_colours, overlay, plot_history
 
 
 def test_overlay_outlines_each_nucleus_in_its_own_colour(validation_samples):
@@ -15,6 +15,12 @@ def test_overlay_outlines_each_nucleus_in_its_own_colour(validation_samples):
     assert len({tuple(c) for c in colours[1:]}) == labels.max()
     for index in (1, labels.max()):
         assert (out[edges & (labels == index)] == colours[index]).all()
+
+
+def test_inner_boundaries_are_skimages(validation_samples):
+    for sample in validation_samples:  # touching nuclei, nuclei cut by the image's edge
+        labels = sample.labels.astype(np.int32)
+        np.testing.assert_array_equal(inner_boundaries(labels), find_boundaries(labels, mode="inner"))
 
 
 def test_figures_are_written(validation_samples, tmp_path):

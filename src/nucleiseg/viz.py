@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from skimage.color import hsv2rgb
-from skimage.segmentation import find_boundaries
 
 from nucleiseg.io import atomic_path, to_rgb_uint8
 
@@ -28,10 +27,20 @@ def label_colours(n: int, random_seed: int = 0) -> np.ndarray:
 def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(H, W[, C]) image and (H, W) labels -> (H, W, 3) uint8 with each nucleus outlined in its own colour."""
     rgb = to_rgb_uint8(image).copy()
-    edges = find_boundaries(labels, mode="inner")
+    edges = inner_boundaries(labels)
     colours = label_colours(int(labels.max()))
     rgb[edges] = colours[labels[edges]]
     return rgb
+
+
+def inner_boundaries(labels: np.ndarray) -> np.ndarray:
+    """The pixels of each nucleus next to another label (4-neighbours; the image's edge is no boundary):
+    ``skimage.segmentation.find_boundaries(labels, mode="inner")`` in a few comparisons."""
+    edges = np.zeros(labels.shape, bool)
+    for a, b in (np.s_[1:], np.s_[:-1]), (np.s_[:-1], np.s_[1:]):
+        edges[a] |= labels[a] != labels[b]
+        edges[:, a] |= labels[:, a] != labels[:, b]
+    return edges & (labels > 0)
 
 
 def save_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
