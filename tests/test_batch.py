@@ -469,17 +469,17 @@ def test_a_failed_redo_leaves_no_stale_record(tmp_path, segmenter, monkeypatch):
     assert len(read_csv(out / f"{GOOD[0].stem}_nuclei.csv")) == labels.max()
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "one at a time"])
-def test_a_write_failure_is_the_failure_of_its_own_image(tmp_path, segmenter, monkeypatch, overlap):
-    """Outputs are written while the next image is segmented (or, for huge images, before it is read): a
-    failed write is still reported with its image, in input order with the other failures and the images
-    done before and after it."""
+@pytest.mark.parametrize("side_by_side", [True, False], ids=["side by side", "alone"])
+def test_a_write_failure_is_the_failure_of_its_own_image(tmp_path, segmenter, monkeypatch, side_by_side):
+    """Images are segmented side by side (huge ones alone): a failed write is still reported with its image,
+    in input order with the other failures and the images done before and after it."""
     import errno
 
     from nucleiseg import batch, outputs
 
-    if not overlap:
-        monkeypatch.setattr(batch, "OVERLAP_MAX_PIXELS", 0)
+    monkeypatch.setattr(batch, "cores", lambda: 2)  # side by side even on a one-core machine
+    if not side_by_side:
+        monkeypatch.setattr(batch, "ALONE_FROM_PIXELS", 0)
 
     write_overlay = outputs.WRITERS["overlay"]
 

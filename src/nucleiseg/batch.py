@@ -21,9 +21,9 @@ import logging
 import os
 import socket
 import tempfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,10 +32,11 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from nucleiseg.io import ImageReadError, atomic_path
+from nucleiseg.io import ImageMetadata, ImageReadError, atomic_path
 from nucleiseg.measure import write_table
 from nucleiseg.outputs import DEFAULT_OUTPUTS, OutputOptions, check_outputs, write_outputs
-from nucleiseg.segment import Prediction, Segmentation, Segmenter
+from nucleiseg.predict import cores, network_threads
+from nucleiseg.segment import Segmentation, Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ SUMMARY_FIELDS = ["image", "nuclei", "median_area", "diameter", "diameter_estima
                   "path"]
 LOCK_NAME = ".nucleiseg.lock"
 RECORD_SUFFIX = ".done.json"
-# a larger image is finished before the next one is read, so that a batch of huge images holds one at a time
-OVERLAP_MAX_PIXELS = 16_000_000
+# a larger image is segmented alone, the images before it finished first, so that a batch of huge images
+# holds one at a time
+ALONE_FROM_PIXELS = 16_000_000
+MAX_IMAGES_AT_ONCE = 4  # side by side: more would hold more images in memory for little gain
 
 
 class OutputFolderError(ValueError):
@@ -282,58 +285,69 @@ def segment_batch(
     names = output_names(inputs) if names is None else names
     settings = run_settings(segmenter, diameter, outputs, options, channel)
     key = settings_key(settings)
-    # a second thread draws the nuclei of the image before and writes its outputs while the network runs
-    # on the next: that work uses one core, and the network's cores no longer wait for it
-    finishing: tuple[Path, Future] | None = None  # the image before, and its summary row when finished
+    # images are segmented side by side, each with its share of the cores: the network runs more work per
+    # core on one thread than on several (it waits less), and the rest (reading, post-processing, writing)
+    # runs on one core anyway
+    at_once = max(1, min(MAX_IMAGES_AT_ONCE, cores(), len(inputs)))
+    threads_each = max(1, cores() // at_once)
+    pending: deque[tuple[Path, Future]] = deque()  # in input order: each image's summary row, or its failure
 
-    def wait_for_the_image_before() -> None:
-        nonlocal finishing
-        if finishing is not None:
-            image, summary_row_when_done = finishing
-            finishing = None
+    def record_finished(running_at_most: int) -> None:
+        """Wait until at most ``running_at_most`` images are running; record those finished, in input order."""
+        while len(running := [f for _, f in pending if not f.done()]) > running_at_most:
+            wait(running, return_when=FIRST_COMPLETED)  # whichever finishes first frees its core
+        while pending and pending[0][1].done():
+            path, row = pending.popleft()
             try:
-                result.done.append(summary_row_when_done.result())
+                result.done.append(row.result())
             except Exception as exc:
-                _failed(result, image, exc)
+                _failed(result, path, exc)
+            release_freed_memory()
 
     with (lock_folder(out_dir) if tables else nullcontext(), logging_redirect_tqdm(),  # whole error lines
-          ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucleiseg-finish") as finisher):
+          ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="nucleiseg-image") as pool):
         for path, name in tqdm(list(zip(inputs, names, strict=True)), desc="segmenting", unit="img",
                                disable=not progress):
+            record_finished(running_at_most=at_once - 1)  # one image read ahead at most: memory stays bounded
             record_path = out_dir / f"{name}{RECORD_SUFFIX}"
             try:
                 previous = None if overwrite else _finished(record_path, path, key)
                 if previous is not None:
-                    wait_for_the_image_before()
-                    result.done.append(previous)
                     result.skipped += 1
+                    pending.append((path, _settled(previous)))
                     continue
                 record_path.unlink(missing_ok=True)  # the outputs are rewritten: none counts as done until all are
-                prediction = segmenter.predict_file(path, diameter, channel)
-                wait_for_the_image_before()  # one image at a time waits to be finished: memory stays bounded
+                image, metadata, seconds = segmenter.read_file(path, channel)
                 record = {"path": os.path.realpath(path), "key": key, "settings": settings}
-                finishing = (path, finisher.submit(_finish_image, segmenter, prediction, path, out_dir / name,
-                                                   outputs, options, record))
-                huge = prediction.image.shape[0] * prediction.image.shape[1] > OVERLAP_MAX_PIXELS
-                del prediction  # the finishing thread holds it as long as it needs it
+                job = functools.partial(_segment_image, segmenter, image, metadata, seconds, diameter, path,
+                                        out_dir / name, outputs, options, record)
+                huge = image.shape[0] * image.shape[1] > ALONE_FROM_PIXELS
+                del image  # the job holds it as long as it needs it
                 if huge:
-                    wait_for_the_image_before()
+                    record_finished(running_at_most=0)  # a huge image is segmented alone, on every core
+                    pending.append((path, _settled_call(job, cores())))
+                else:
+                    pending.append((path, pool.submit(job, threads_each)))
             except Exception as exc:
-                wait_for_the_image_before()
-                _failed(result, path, exc)
-            release_freed_memory()  # after a segmented or failed image; skipped ones freed nothing
-        wait_for_the_image_before()
+                pending.append((path, _settled(exception=exc)))
+        record_finished(running_at_most=0)
     if tables:
         write_tables(out_dir, result)
     return result
 
 
-def _finish_image(segmenter: Segmenter, prediction: Prediction, path: Path, base: Path, outputs: tuple[str, ...],
-                  options: OutputOptions, record: dict) -> dict:
-    """Draw the nuclei of the image at ``path`` from the network's ``prediction``, write its outputs next to
-    ``base`` (output folder / output name), then its ``record`` with the summary row and the names of the
+def _segment_image(segmenter: Segmenter, image: np.ndarray, metadata: ImageMetadata, read_seconds: float,
+                   diameter: float | None, path: Path, base: Path, outputs: tuple[str, ...], options: OutputOptions,
+                   record: dict, threads: int) -> dict:
+    """Segment the ``image`` read from ``path`` with the network on ``threads`` threads, write its outputs next
+    to ``base`` (output folder / output name), then its ``record`` with the summary row and the names of the
     files written. Returns the summary row."""
+    with network_threads(threads):
+        prediction = segmenter.predict(image, diameter)
+    prediction.metadata, prediction.timings = metadata, {"read": read_seconds} | prediction.timings
+    del image
     segmentation = segmenter.label_nuclei(prediction)
+    del prediction
     record["summary"] = summary_row(base.name, path, segmentation)
     log.debug("%s: %s", path, ", ".join(f"{k} {v:.2f} s" for k, v in segmentation.timings.items()))
     try:
@@ -345,6 +359,24 @@ def _finish_image(segmenter: Segmenter, prediction: Prediction, path: Path, base
         raise OutputWriteError(f"{path}: its outputs could not be written to {base.parent} "
                                f"({exc.strerror or exc})") from None
     return record["summary"]
+
+
+def _settled(row: dict | None = None, exception: Exception | None = None) -> Future:
+    """A future that is already done: an image skipped (its row) or one that failed before segmenting."""
+    future = Future()
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(row)
+    return future
+
+
+def _settled_call(job, *args) -> Future:
+    """Run ``job(*args)`` here, now; its result or its failure as a done future."""
+    try:
+        return _settled(job(*args))
+    except Exception as exc:
+        return _settled(exception=exc)
 
 
 def _failed(result: BatchResult, path: Path, exc: Exception) -> None:

@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -32,6 +34,7 @@ TILE_BATCH = 4  # tiles per network call
 GPU_TILE_BATCH = 16  # a GPU is mostly idle on 4 tiles of 512 x 512
 ArrayFunction = Callable[[np.ndarray], np.ndarray]  # (B, C, h, w) float32 -> (B, K, h, w) float32
 _threads: int | None = None  # the network's threads (``set_threads``); None: each engine's own default
+_this_thread = threading.local()  # ``count``: the network's threads for calls from this thread (network_threads)
 
 
 def set_threads(count: int) -> None:
@@ -44,9 +47,29 @@ def set_threads(count: int) -> None:
 
 
 def threads() -> int:
-    """The threads a new onnxruntime session gets: as set, else OMP_NUM_THREADS as for torch, else 0
-    (onnxruntime's default, one per physical core, as torch's)."""
-    return _threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    """The network's threads for a call from this thread: as ``network_threads`` or ``set_threads`` set
+    them, else OMP_NUM_THREADS as for torch, else 0 (each engine's default: one per physical core)."""
+    return getattr(_this_thread, "count", None) or _threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+
+
+def cores() -> int:
+    """The cores the network may use: as set, else every core this process may run on."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return threads() or available or 1
+
+
+@contextmanager
+def network_threads(count: int) -> Iterator[None]:
+    """Run the network of the calls made from this thread, inside the block, on ``count`` threads (images
+    segmented side by side, one thread each, keep the cores busier than one image on all of them)."""
+    previous = getattr(_this_thread, "count", None)
+    _this_thread.count = count
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(count)  # torch's thread count is per calling thread
+    try:
+        yield
+    finally:
+        _this_thread.count = previous
 
 
 class Predictor(Protocol):
@@ -119,16 +142,28 @@ class OnnxPredictor:
 
     def __init__(self, path, size_multiple: int, out_channels: int):
         try:
-            import onnxruntime
+            import onnxruntime  # noqa: F401
         except ImportError as exc:
             raise ValueError("the onnx engine needs onnxruntime: pip install onnxruntime") from exc
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads()
-        # idle threads sleep instead of spinning: the spin took a core from the thread that finishes the image
-        # before (``batch.segment_batch``) and from any other process, for no gain in the network's own time
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.size_multiple, self.out_channels = size_multiple, out_channels
+        self.path, self.size_multiple, self.out_channels = path, size_multiple, out_channels
+        self._sessions: dict[int, object] = {}  # thread count -> session: onnxruntime fixes it per session
+        self._sessions_lock = threading.Lock()
+        self.session = self.session_for(threads())  # reads the file now, so that a bad one fails here
+
+    def session_for(self, count: int):
+        """The session that runs the network on ``count`` threads (0: onnxruntime's default)."""
+        import onnxruntime
+
+        with self._sessions_lock:
+            if count not in self._sessions:
+                options = onnxruntime.SessionOptions()
+                options.intra_op_num_threads = count
+                # idle threads sleep instead of spinning: the spin took cores from the other images and
+                # from any other process, for no gain in the network's own time
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                self._sessions[count] = onnxruntime.InferenceSession(str(self.path), options,
+                                                                     providers=["CPUExecutionProvider"])
+            return self._sessions[count]
 
     @property
     def weights(self) -> str | None:
@@ -141,7 +176,7 @@ class OnnxPredictor:
         return self.session.get_modelmeta().custom_metadata_map.get(WEIGHTS_FILE_KEY)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run(["logits"], {"input": np.ascontiguousarray(batch, np.float32)})
+        (logits,) = self.session_for(threads()).run(["logits"], {"input": np.ascontiguousarray(batch, np.float32)})
         return sigmoid(logits)
 
 

@@ -301,16 +301,21 @@ class Segmenter:
     def predict_file(self, path: str | os.PathLike, diameter: float | None = None, channel: int | None = None
                      ) -> Prediction:
         """The network's part of ``segment_file``: read the file and predict (``predict``)."""
+        image, metadata, read = self.read_file(path, channel)
+        prediction = self.predict(image, diameter)
+        prediction.metadata, prediction.timings = metadata, {"read": read} | prediction.timings
+        return prediction
+
+    def read_file(self, path: str | os.PathLike, channel: int | None = None
+                  ) -> tuple[np.ndarray, ImageMetadata, float]:
+        """Read one image file to segment: its pixels, its metadata and the seconds it took. Raises
+        ImageReadError, naming the file, for files that cannot be segmented and for blank images."""
         started = time.perf_counter()
         image = read_image(path, self.config.max_megapixels, channel)
         low, high = _range(image)
         if low == high:
             raise ImageReadError(f"{path}: image is blank (every pixel is {low:g})")
-        metadata = read_metadata(path)
-        read = time.perf_counter() - started
-        prediction = self.predict(image, diameter)
-        prediction.metadata, prediction.timings = metadata, {"read": read} | prediction.timings
-        return prediction
+        return image, read_metadata(path), time.perf_counter() - started
 
 
 def _range(image: np.ndarray) -> tuple[float, float]:
