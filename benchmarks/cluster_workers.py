@@ -3,8 +3,8 @@
     python benchmarks/cluster_workers.py [--workers 1 2] [--images ../shared/data/dsb2018/stage1_test]
 
 Segments the images with the default outputs three ways, each into a fresh folder: `segment_batch` in
-this process (torch on every core), then `segment_on_cluster` on a `LocalCluster` of 1, then N worker
-processes (each worker's torch threads pinned to its share of the cores). Prints images/s, the speed-up
+this process (the network on every core), then `segment_on_cluster` on a `LocalCluster` of 1, then N worker
+processes (each worker's network threads pinned to its share of the cores). Prints images/s, the speed-up
 over one worker, the cost per image of going through the cluster (one worker against this process: the
 same cores, so the difference is scheduling, transfer and the model loaded in the worker), and whether
 every label image equals the single-process one. The cluster's start-up is timed apart.
@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from distributed import Client, LocalCluster
 
 from nucleiseg.batch import segment_batch
 from nucleiseg.cluster import segment_on_cluster
 from nucleiseg.io import find_images, read_labels
+from nucleiseg.predict import set_threads
 from nucleiseg.segment import Segmenter
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     paths = find_images([args.images])
     cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(cores)
+    set_threads(cores)
     segmenter = Segmenter()
     with tempfile.TemporaryDirectory() as tmp:
         single = Path(tmp) / "single"

@@ -34,6 +34,7 @@ from nucleiseg.io import load_dataset
 from nucleiseg.model import load_model
 from nucleiseg.network import build_model
 from nucleiseg.outputs import DEFAULT_OUTPUTS, WRITERS, OutputOptions
+from nucleiseg.predict import threads
 from nucleiseg.segment import Segmenter
 from nucleiseg.train import loss_fn
 
@@ -200,7 +201,7 @@ def main() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
     limit = matmul_gflops()
-    print(f"threads {torch.get_num_threads()}; matmul {limit:.1f} GFLOP/s (2048x2048 fp32)")
+    print(f"threads {threads()}; matmul {limit:.1f} GFLOP/s (2048x2048 fp32)")
     if not args.skip_training:
         t = training_throughput(load_json(TrainConfig, args.config), args.steps)
         print(f"training: {t['patches_per_s']:.2f} patches/s; network {t['network_gflops']:.1f} GFLOP/s = "

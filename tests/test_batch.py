@@ -472,20 +472,26 @@ def test_a_failed_redo_leaves_no_stale_record(tmp_path, segmenter, monkeypatch):
 @pytest.mark.parametrize("side_by_side", [True, False], ids=["side by side", "alone"])
 def test_a_write_failure_is_the_failure_of_its_own_image(tmp_path, segmenter, monkeypatch, side_by_side):
     """Images are segmented side by side (huge ones alone): a failed write is still reported with its image,
-    in input order with the other failures and the images done before and after it."""
+    in input order with the other failures and the images done before and after it, even where the first
+    image finishes last."""
     import errno
+    import threading
 
     from nucleiseg import batch, outputs
 
-    monkeypatch.setattr(batch, "cores", lambda: 2)  # side by side even on a one-core machine
+    monkeypatch.setattr(batch, "threads", lambda: 2)  # side by side even on a one-core machine
     if not side_by_side:
         monkeypatch.setattr(batch, "ALONE_FROM_PIXELS", 0)
 
     write_overlay = outputs.WRITERS["overlay"]
+    second_failed = threading.Event()
 
     def full_for_the_second(result, base, options):
         if base.name == GOOD[1].stem:
+            second_failed.set()
             raise OSError(errno.ENOSPC, "No space left on device")
+        if base.name == GOOD[0].stem and side_by_side:  # the first image finishes after the second
+            assert second_failed.wait(timeout=60)
         return write_overlay(result, base, options)
 
     monkeypatch.setitem(outputs.WRITERS, "overlay", full_for_the_second)

@@ -76,6 +76,22 @@ def test_an_up_to_date_export_segments_without_importing_pytorch(onnx_model):
     assert done.stdout.split() == ["OnnxPredictor", weights_digest(load_model(onnx_model).network), "False"]
 
 
+def test_a_batch_on_the_onnx_engine_gives_the_labels_of_one_image_at_a_time(tmp_path, onnx_model, monkeypatch):
+    """Images side by side, each with its own onnxruntime session of one thread: the labels of each image
+    segmented alone."""
+    from nucleiseg import batch
+    from nucleiseg.io import read_labels
+
+    monkeypatch.setattr(batch, "threads", lambda: 2)
+    paths = sorted(SAMPLES.glob("*.png"))
+    segmenter = Segmenter(onnx_model, engine="onnx")
+    result = batch.segment_batch(paths, tmp_path, segmenter, progress=False)
+    assert [row["path"] for row in result.done] == [str(p) for p in paths] and not result.failed
+    for path in paths:
+        expected = segmenter.segment_file(path).labels
+        assert np.array_equal(read_labels(tmp_path / f"{path.stem}_labels.png"), expected), path.name
+
+
 def test_a_stale_export_is_never_run(tmp_path, onnx_model, caplog):
     """model.onnx exported from other weights than weights.pt (the folder was retrained since): auto runs
     torch and says why; the onnx engine refuses."""

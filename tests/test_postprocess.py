@@ -51,6 +51,19 @@ def test_clean_keeps_the_largest_piece_and_fills_only_what_one_object_encloses()
     assert not out[18:22, 9:15].any() and out[20, 18] == 3
 
 
+def test_clean_fills_a_hole_in_a_nucleus_that_covers_the_image_edge_to_edge():
+    labels = np.ones((8, 8), np.int32)
+    labels[3:5, 3:5] = 0  # the only background: a hole
+    assert (clean(labels, min_area=1) == 1).all()
+
+
+def test_clean_numbers_the_nuclei_kept_1_to_n_whatever_the_smallest_area():
+    labels = np.zeros((9, 9), np.int32)
+    labels[1:4, 1:4], labels[5:8, 5:8] = 3, 7
+    for min_area in (0, 1, 9):
+        assert set(np.unique(clean(labels, min_area))) == {0, 1, 2}
+
+
 def test_instances_rejects_wrong_shape():
     with pytest.raises(ValueError, match=r"\(K, H, W\) probabilities with K >= 2"):
         instances(np.zeros((1, 4, 4)), PostprocessConfig())

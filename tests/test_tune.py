@@ -11,7 +11,7 @@ def test_tuned_thresholds_are_the_best_of_the_grid(tiny_model, validation_sample
     samples = validation_samples[:3]
     best, report = tune.tune_thresholds(model, samples, progress=False)
     assert best.foreground_threshold in tune.FOREGROUND and best.marker_threshold in tune.MARKER
-    assert best.min_area_fraction in tune.MIN_AREA and report.n_images == 3
+    assert report.n_images == 3
 
     # a grid of the model's own thresholds only: tune's cached maps give what the segmenter gives
     monkeypatch.setattr(tune, "FOREGROUND", (model.thresholds.foreground_threshold,))

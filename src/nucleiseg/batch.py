@@ -35,7 +35,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from nucleiseg.io import ImageMetadata, ImageReadError, atomic_path
 from nucleiseg.measure import write_table
 from nucleiseg.outputs import DEFAULT_OUTPUTS, OutputOptions, check_outputs, write_outputs
-from nucleiseg.predict import cores, network_threads
+from nucleiseg.predict import network_threads, threads
 from nucleiseg.segment import Segmentation, Segmenter
 
 log = logging.getLogger(__name__)
@@ -287,49 +287,59 @@ def segment_batch(
     key = settings_key(settings)
     # images are segmented side by side, each with its share of the cores: the network runs more work per
     # core on one thread than on several (it waits less), and the rest (reading, post-processing, writing)
-    # runs on one core anyway
-    at_once = max(1, min(MAX_IMAGES_AT_ONCE, cores(), len(inputs)))
-    threads_each = max(1, cores() // at_once)
-    pending: deque[tuple[Path, Future]] = deque()  # in input order: each image's summary row, or its failure
+    # runs on one core anyway. A network on a GPU, or run by a predictor of the caller's, takes one image
+    # at a time (a GPU's memory holds one image's tiles; another predictor may not allow concurrent calls).
+    cores = threads()
+    at_once = max(1, min(MAX_IMAGES_AT_ONCE, cores, len(inputs))) if segmenter.network_on_cpu else 1
+    threads_each = max(1, cores // at_once)
+    # in input order: (path, its summary row or its failure, whether it was segmented in this run)
+    pending: deque[tuple[Path, Future, bool]] = deque()
 
     def record_finished(running_at_most: int) -> None:
         """Wait until at most ``running_at_most`` images are running; record those finished, in input order."""
-        while len(running := [f for _, f in pending if not f.done()]) > running_at_most:
+        while len(running := [f for _, f, _ in pending if not f.done()]) > running_at_most:
             wait(running, return_when=FIRST_COMPLETED)  # whichever finishes first frees its core
+        freed = False
         while pending and pending[0][1].done():
-            path, row = pending.popleft()
+            path, row, segmented = pending.popleft()
             try:
                 result.done.append(row.result())
             except Exception as exc:
                 _failed(result, path, exc)
+            freed |= segmented
+        if freed:
             release_freed_memory()
+
+    def start(path: Path, name: str) -> tuple[Path, Future, bool]:
+        """Skip the image if an earlier run finished it, else read it and start segmenting it (its pixels
+        are held by the job alone: they are freed when it ends)."""
+        record_path = out_dir / f"{name}{RECORD_SUFFIX}"
+        previous = None if overwrite else _finished(record_path, path, key)
+        if previous is not None:
+            result.skipped += 1
+            return path, _settled(previous), False
+        record_path.unlink(missing_ok=True)  # the outputs are rewritten: none counts as done until all are
+        image, metadata, seconds = segmenter.read_file(path, channel)
+        record = {"path": os.path.realpath(path), "key": key, "settings": settings}
+        job = functools.partial(_segment_image, segmenter, image, metadata, seconds, diameter, path,
+                                out_dir / name, outputs, options, record)
+        if image.shape[0] * image.shape[1] > ALONE_FROM_PIXELS:
+            record_finished(running_at_most=0)  # a huge image is segmented alone, on every core
+            return path, _settled_call(job, cores), True
+        if at_once == 1:  # in this thread, whose network sessions last beyond this batch (a Dask task thread)
+            return path, _settled_call(job, threads_each), True
+        return path, pool.submit(job, threads_each), True
 
     with (lock_folder(out_dir) if tables else nullcontext(), logging_redirect_tqdm(),  # whole error lines
           ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="nucleiseg-image") as pool):
         for path, name in tqdm(list(zip(inputs, names, strict=True)), desc="segmenting", unit="img",
                                disable=not progress):
-            record_finished(running_at_most=at_once - 1)  # one image read ahead at most: memory stays bounded
-            record_path = out_dir / f"{name}{RECORD_SUFFIX}"
+            # the next image is read while the others run: at most ``at_once`` images in memory
+            record_finished(running_at_most=at_once - 1)
             try:
-                previous = None if overwrite else _finished(record_path, path, key)
-                if previous is not None:
-                    result.skipped += 1
-                    pending.append((path, _settled(previous)))
-                    continue
-                record_path.unlink(missing_ok=True)  # the outputs are rewritten: none counts as done until all are
-                image, metadata, seconds = segmenter.read_file(path, channel)
-                record = {"path": os.path.realpath(path), "key": key, "settings": settings}
-                job = functools.partial(_segment_image, segmenter, image, metadata, seconds, diameter, path,
-                                        out_dir / name, outputs, options, record)
-                huge = image.shape[0] * image.shape[1] > ALONE_FROM_PIXELS
-                del image  # the job holds it as long as it needs it
-                if huge:
-                    record_finished(running_at_most=0)  # a huge image is segmented alone, on every core
-                    pending.append((path, _settled_call(job, cores())))
-                else:
-                    pending.append((path, pool.submit(job, threads_each)))
+                pending.append(start(path, name))
             except Exception as exc:
-                pending.append((path, _settled(exception=exc)))
+                pending.append((path, _settled(exception=exc), True))
         record_finished(running_at_most=0)
     if tables:
         write_tables(out_dir, result)
@@ -338,16 +348,15 @@ def segment_batch(
 
 def _segment_image(segmenter: Segmenter, image: np.ndarray, metadata: ImageMetadata, read_seconds: float,
                    diameter: float | None, path: Path, base: Path, outputs: tuple[str, ...], options: OutputOptions,
-                   record: dict, threads: int) -> dict:
-    """Segment the ``image`` read from ``path`` with the network on ``threads`` threads, write its outputs next
-    to ``base`` (output folder / output name), then its ``record`` with the summary row and the names of the
-    files written. Returns the summary row."""
-    with network_threads(threads):
+                   record: dict, thread_count: int) -> dict:
+    """Segment the ``image`` read from ``path`` with the network on ``thread_count`` threads, write its
+    outputs next to ``base`` (output folder / output name), then its ``record`` with the summary row and the
+    names of the files written. Returns the summary row."""
+    with network_threads(thread_count):
         prediction = segmenter.predict(image, diameter)
     prediction.metadata, prediction.timings = metadata, {"read": read_seconds} | prediction.timings
-    del image
     segmentation = segmenter.label_nuclei(prediction)
-    del prediction
+    del prediction  # its probabilities: the largest arrays of an image, not needed to write the outputs
     record["summary"] = summary_row(base.name, path, segmentation)
     log.debug("%s: %s", path, ", ".join(f"{k} {v:.2f} s" for k, v in segmentation.timings.items()))
     try:

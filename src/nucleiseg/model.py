@@ -172,8 +172,11 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, lazy: bool = Fal
 def file_digest(path: str | os.PathLike) -> str:
     """A short hash of a file's bytes: ties an ONNX export to the weights.pt it was made from without
     reading the weights with PyTorch."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def gpu_driver_present() -> bool:

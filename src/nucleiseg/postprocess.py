@@ -78,7 +78,7 @@ def clean(labels: np.ndarray, min_area: float) -> np.ndarray:
     that one object encloses (an object inside another's hole stays an object), relabel 1..N in the order
     of the labels. All objects at once."""
     area = np.bincount(labels.ravel())
-    keep = area >= min_area
+    keep = (area > 0) & (area >= min_area)
     keep[0] = False
     labels = np.where(keep[labels], labels, 0)
     # watershed can leave detached fragments: keep the largest piece (the first of equal ones)
@@ -102,7 +102,10 @@ def _fill_enclosed(labels: np.ndarray) -> np.ndarray:
     """Give each background region that touches no image edge and borders one object only to that object
     (``ndi.binary_fill_holes`` on each object; a region bordered by several objects stays background)."""
     background, n_regions = ndi.label(labels == 0)
-    if n_regions < 2:  # the background in one piece: no hole anywhere
+    enclosed = np.ones(n_regions + 1, bool)
+    enclosed[0] = False
+    enclosed[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = False
+    if not enclosed.any():  # every background region reaches the image's edge: no hole anywhere
         return labels
     # (background region, object) for every pair of side-by-side pixels, both ways
     region = np.concatenate([background[:, :-1].ravel(), background[:, 1:].ravel(),
@@ -115,10 +118,5 @@ def _fill_enclosed(labels: np.ndarray) -> np.ndarray:
     highest = np.zeros(n_regions + 1, np.int64)
     np.minimum.at(lowest, region, neighbour)
     np.maximum.at(highest, region, neighbour)
-    enclosed = lowest == highest
-    edges = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
-    enclosed[edges] = False
-    enclosed[0] = False
-    if not enclosed.any():
-        return labels
+    enclosed &= lowest == highest
     return np.where(enclosed[background], highest[background], labels).astype(labels.dtype)

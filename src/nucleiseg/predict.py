@@ -48,28 +48,32 @@ def set_threads(count: int) -> None:
 
 def threads() -> int:
     """The network's threads for a call from this thread: as ``network_threads`` or ``set_threads`` set
-    them, else OMP_NUM_THREADS as for torch, else 0 (each engine's default: one per physical core)."""
-    return getattr(_this_thread, "count", None) or _threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-
-
-def cores() -> int:
-    """The cores the network may use: as set, else every core this process may run on."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return threads() or available or 1
+    them, else OMP_NUM_THREADS as for torch, else every core this process may run on."""
+    count = getattr(_this_thread, "count", None) or _threads
+    if not count:  # OpenMP's form is "4" or, nested, "4,2"
+        first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+        count = int(first) if first.isdigit() else 0
+    if not count:
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, count)
 
 
 @contextmanager
 def network_threads(count: int) -> Iterator[None]:
     """Run the network of the calls made from this thread, inside the block, on ``count`` threads (images
-    segmented side by side, one thread each, keep the cores busier than one image on all of them)."""
+    segmented side by side, each on its share of the cores, keep them busier than one image on all)."""
     previous = getattr(_this_thread, "count", None)
+    torch = sys.modules.get("torch")  # its thread count is per calling thread; setting it clears caches
+    torch_count = torch.get_num_threads() if torch else None
     _this_thread.count = count
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(count)  # torch's thread count is per calling thread
+    if torch and torch_count != count:
+        torch.set_num_threads(count)
     try:
         yield
     finally:
         _this_thread.count = previous
+        if torch and torch_count != count:
+            torch.set_num_threads(torch_count)
 
 
 class Predictor(Protocol):
@@ -146,24 +150,25 @@ class OnnxPredictor:
         except ImportError as exc:
             raise ValueError("the onnx engine needs onnxruntime: pip install onnxruntime") from exc
         self.path, self.size_multiple, self.out_channels = path, size_multiple, out_channels
-        self._sessions: dict[int, object] = {}  # thread count -> session: onnxruntime fixes it per session
-        self._sessions_lock = threading.Lock()
+        # onnxruntime fixes a session's threads, and concurrent runs of one session share its thread pool:
+        # each calling thread gets its own session per thread count
+        self._sessions = threading.local()
         self.session = self.session_for(threads())  # reads the file now, so that a bad one fails here
 
     def session_for(self, count: int):
-        """The session that runs the network on ``count`` threads (0: onnxruntime's default)."""
+        """This thread's session that runs the network on ``count`` threads."""
         import onnxruntime
 
-        with self._sessions_lock:
-            if count not in self._sessions:
-                options = onnxruntime.SessionOptions()
-                options.intra_op_num_threads = count
-                # idle threads sleep instead of spinning: the spin took cores from the other images and
-                # from any other process, for no gain in the network's own time
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                self._sessions[count] = onnxruntime.InferenceSession(str(self.path), options,
-                                                                     providers=["CPUExecutionProvider"])
-            return self._sessions[count]
+        sessions = self._sessions.__dict__.setdefault("by_count", {})
+        if count not in sessions:
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = count
+            # idle threads sleep instead of spinning: the spin took cores from the other images and from
+            # any other process, for no gain in the network's own time
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            sessions[count] = onnxruntime.InferenceSession(str(self.path), options,
+                                                           providers=["CPUExecutionProvider"])
+        return sessions[count]
 
     @property
     def weights(self) -> str | None:

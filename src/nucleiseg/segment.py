@@ -137,6 +137,17 @@ class Segmenter:
         return Segmenter, (self.source, self.config, None, self.device)
 
     @property
+    def network_on_cpu(self) -> bool:
+        """True where the network is one of nucleiseg's engines running on the CPU, which several threads may
+        call at once (``batch.segment_batch`` segments images side by side then)."""
+        if self.custom_predictor:
+            return False
+        if isinstance(self.predictor, OnnxPredictor):
+            return True
+        weight = next(self.bundle.network.parameters(), None)
+        return weight is None or weight.device.type == "cpu"
+
+    @property
     def thresholds(self):
         return self.config.thresholds
 
