@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 TILE_BATCH = 4  # tiles per network call
 GPU_TILE_BATCH = 16  # a GPU is mostly idle on 4 tiles of 512 x 512
 ArrayFunction = Callable[[np.ndarray], np.ndarray]  # (B, C, h, w) float32 -> (B, K, h, w) float32
-_threads: int | None = None  # the network's threads (``set_threads``); None: each engine's own default
+_threads: int | None = None  # the network's threads (``set_threads``); None: OMP_NUM_THREADS, else every core
 _this_thread = threading.local()  # ``count``: the network's threads for calls from this thread (network_threads)
 
 
@@ -213,6 +213,8 @@ def onnx_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
         raise ValueError("--bf16 is for the torch engine; the onnx engine runs in float32")
     predictor = OnnxPredictor(path, model.size_multiple, model.out_channels)
     weights = model.folder / WEIGHTS
+    # a network in memory may no longer be the file's: then, and for an export that does not name the file,
+    # the weights themselves are compared
     if model.network_loaded or predictor.weights_file is None or not weights.is_file() \
             or predictor.weights_file != file_digest(weights):
         from nucleiseg.network import weights_digest
