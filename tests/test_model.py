@@ -49,6 +49,27 @@ def test_model_folder_round_trip(tmp_path):
         torch.testing.assert_close(loaded.network(x), bundle.network(x))
 
 
+def test_stained_images_own_thresholds_round_trip_and_yield_to_thresholds_given(tmp_path):
+    from dataclasses import replace
+
+    from nucleiseg.config import InferenceConfig, PostprocessConfig
+
+    cfg = ModelConfig(base_channels=4, depth=2)
+    stained = PostprocessConfig(0.6, 0.45, 0.3, tuned_on="stained images")
+    inference = replace(InferenceConfig(), stained_thresholds=stained)
+    save_model(tmp_path, ModelBundle(build_model(cfg).eval(), cfg, thresholds=PostprocessConfig(0.5, 0.4, 0.1),
+                                     inference=inference))
+    assert "stained_thresholds" not in (tmp_path / "inference.json").read_text()
+    config = load_model(tmp_path).inference
+    assert config.thresholds_for(stained=True) == stained
+    assert config.thresholds_for(stained=False) == PostprocessConfig(0.5, 0.4, 0.1)
+    assert config.updated(tile=256).stained_thresholds == stained
+    given = config.updated(marker_threshold=0.3)  # a threshold given applies to every image
+    assert given.thresholds_for(stained=True) == given.thresholds_for(stained=False) == PostprocessConfig(0.5, 0.3, 0.1)
+    save_model(tmp_path, ModelBundle(build_model(cfg).eval(), cfg))  # none: the file goes
+    assert load_model(tmp_path).inference.stained_thresholds is None
+
+
 def test_loading_is_strict(tmp_path):
     cfg = ModelConfig(base_channels=4, depth=2)
     save_model(tmp_path, ModelBundle(build_model(cfg), cfg, 17.0))

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from nucleiseg.data import rescale
-from nucleiseg.io import load_dataset
+from nucleiseg.io import load_dataset, read_image
 from nucleiseg.metrics import evaluate, match
 from nucleiseg.model import load_model, model_folder
+from nucleiseg.postprocess import instances
 from nucleiseg.segment import Segmenter
 from nucleiseg.targets import median_diameter
 
@@ -55,6 +56,23 @@ def test_shipped_model_is_complete_small_and_strict():
     assert sum(p.stat().st_size for p in folder.iterdir()) < 30 * 2**20
     thresholds = load_model("default").thresholds  # tuned with `nucleiseg tune`, read from thresholds.json
     assert 0 < thresholds.foreground_threshold < 1 and 0 < thresholds.marker_threshold < 1
+
+
+def test_stained_images_are_drawn_with_their_own_thresholds(segmenter):
+    """The shipped models have thresholds tuned on the stained validation images (thresholds_stained.json):
+    an H&E image gets those, a fluorescence image the others."""
+    config = segmenter.config
+    assert config.stained_thresholds is not None and config.stained_thresholds != config.thresholds
+    he = segmenter.predict(read_image(SAMPLES / "histology_he.png"))
+    assert he.stained
+    own = instances(he.probabilities, config.stained_thresholds, he.diameter)
+    general = instances(he.probabilities, config.thresholds, he.diameter)
+    assert not np.array_equal(own, general)
+    assert np.array_equal(segmenter.label_nuclei(he).labels, own)
+    fluorescence = segmenter.predict(read_image(SAMPLES / "fluorescence_dense.png"))
+    assert not fluorescence.stained
+    expected = instances(fluorescence.probabilities, config.thresholds, fluorescence.diameter)
+    assert np.array_equal(segmenter.label_nuclei(fluorescence).labels, expected)
 
 
 def test_shipped_model_scores_well_above_the_seed_recipe(samples, segmenter):

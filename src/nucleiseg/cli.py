@@ -337,8 +337,8 @@ def _finetune(args) -> int:
 
 def _tune(args) -> int:
     from nucleiseg.config import TrainConfig, load_json, save_json
-    from nucleiseg.data import load_split
-    from nucleiseg.model import TRAIN_CONFIG, load_model, model_folder
+    from nucleiseg.data import STAIN, input_kind, load_split
+    from nucleiseg.model import STAINED_THRESHOLDS, TRAIN_CONFIG, load_model, model_folder
     from nucleiseg.tune import tune_thresholds
 
     folder = model_folder(args.model)
@@ -346,10 +346,21 @@ def _tune(args) -> int:
     if not config.exists():
         raise ValueError(f"{config}: no training config; give the one the model was trained with (--config)")
     _, val = load_split(load_json(TrainConfig, config))
-    best, report = tune_thresholds(load_model(folder), val)
+    model = load_model(folder)
+    best, report = tune_thresholds(model, val)
     best.tuned_on = f"validation split of {config.name} ({report.n_images} images)"
     save_json(best, folder / "thresholds.json")
     print(f"thresholds {best} give DSB score {report.dsb_score:.4f} on {report.n_images} validation images")
+    # stained images get their own: the network's maps are less sure on them
+    stained = [s for s in val if input_kind(s.image) == STAIN]
+    if stained:
+        best, report = tune_thresholds(model, stained)
+        best.tuned_on = f"stained images of the validation split of {config.name} ({report.n_images} images)"
+        save_json(best, folder / STAINED_THRESHOLDS)
+        print(f"stained images: thresholds {best} give DSB score {report.dsb_score:.4f} on {report.n_images} "
+              "of them")
+    else:  # none to tune them on: the general thresholds serve them too
+        (folder / STAINED_THRESHOLDS).unlink(missing_ok=True)
     return 0
 
 

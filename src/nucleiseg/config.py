@@ -126,6 +126,9 @@ class InferenceConfig:
 
     target_diameter: float = TARGET_DIAMETER
     thresholds: PostprocessConfig = field(default_factory=PostprocessConfig)
+    # thresholds for stained images (read through their haematoxylin channel), where the network's maps are
+    # less sure than on the others; None: ``thresholds``
+    stained_thresholds: PostprocessConfig | None = None
     min_scale: float = MIN_SCALE
     max_scale: float = MAX_SCALE
     tile: int = 512  # the network sees tiles of at most this side (after rescaling), so memory stays bounded
@@ -145,15 +148,22 @@ class InferenceConfig:
             raise ValueError(f"need 0 < min_scale <= 1 <= max_scale, got {self.min_scale} and {self.max_scale}")
 
     def updated(self, **changes) -> InferenceConfig:
-        """A copy with ``changes``; the names of PostprocessConfig fields change ``thresholds``.
+        """A copy with ``changes``; the names of PostprocessConfig fields change ``thresholds``. Thresholds
+        given so apply to every image: the stained images' own are dropped unless given too.
 
         >>> InferenceConfig().updated(tile=256, marker_threshold=0.4).thresholds.marker_threshold
         0.4
         """
         names = {f.name for f in dataclasses.fields(PostprocessConfig)}
-        thresholds = changes.pop("thresholds", self.thresholds)
-        thresholds = dataclasses.replace(thresholds, **{k: changes.pop(k) for k in list(changes) if k in names})
+        given = {k: changes.pop(k) for k in list(changes) if k in names}
+        if given or "thresholds" in changes:
+            changes.setdefault("stained_thresholds", None)
+        thresholds = dataclasses.replace(changes.pop("thresholds", self.thresholds), **given)
         return dataclasses.replace(self, thresholds=thresholds, **changes)
+
+    def thresholds_for(self, stained: bool) -> PostprocessConfig:
+        """The thresholds for an image read through its haematoxylin channel (``stained``) or not."""
+        return self.stained_thresholds if stained and self.stained_thresholds is not None else self.thresholds
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The model folder: model.json, weights.pt, thresholds.json, inference.json (and model.onnx, an export).
+"""The model folder: model.json, weights.pt, thresholds.json, inference.json (and thresholds_stained.json, the
+stained images' own thresholds; model.onnx, an export).
 
 Reading a folder does not import PyTorch: the network's weights are read on first use of
 ``ModelBundle.network`` (``network.load_network``), which an engine that runs the ONNX export never needs.
@@ -110,8 +111,10 @@ class ModelInfo:
     target_diameter: float = TARGET_DIAMETER
 
 
-# InferenceConfig fields kept in files of their own (model.json, thresholds.json), not in inference.json
-_OWN_FILES = ("target_diameter", "thresholds")
+# InferenceConfig fields kept in files of their own (model.json, thresholds.json, thresholds_stained.json), not
+# in inference.json
+_OWN_FILES = ("target_diameter", "thresholds", "stained_thresholds")
+STAINED_THRESHOLDS = "thresholds_stained.json"
 
 
 def save_model(folder: str | os.PathLike, bundle: ModelBundle, recipe=None) -> None:
@@ -126,6 +129,10 @@ def save_model(folder: str | os.PathLike, bundle: ModelBundle, recipe=None) -> N
         torch.save(bundle.network.state_dict(), tmp)
     save_json(ModelInfo(bundle.architecture, bundle.config, bundle.target_diameter), folder / "model.json")
     save_json(bundle.thresholds, folder / "thresholds.json")
+    if bundle.inference.stained_thresholds is not None:
+        save_json(bundle.inference.stained_thresholds, folder / STAINED_THRESHOLDS)
+    else:
+        (folder / STAINED_THRESHOLDS).unlink(missing_ok=True)
     settings = {k: v for k, v in asdict(bundle.inference).items() if k not in _OWN_FILES}
     save_json(settings, folder / "inference.json")
     if recipe is not None:
@@ -146,7 +153,8 @@ def model_folder(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, lazy: bool = False) -> ModelBundle:
     """Load a model folder strictly: unknown config keys or mismatched weights raise.
 
-    thresholds.json and inference.json are optional: their defaults apply where they are absent. With
+    thresholds.json, thresholds_stained.json and inference.json are optional: their defaults apply where they
+    are absent. With
     ``lazy`` the weights are read (and checked) on first use of ``ModelBundle.network`` instead."""
     folder = model_folder(name_or_path)
     info = load_json(ModelInfo, folder / "model.json")
@@ -163,9 +171,11 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, lazy: bool = Fal
     if inference_path.exists():
         values = json.loads(inference_path.read_text())
         if set(values) & set(_OWN_FILES):
-            raise ValueError(f"{inference_path}: {sorted(set(values) & set(_OWN_FILES))} belong in model.json "
-                             "and thresholds.json; remove them from inference.json")
+            raise ValueError(f"{inference_path}: {sorted(set(values) & set(_OWN_FILES))} belong in model.json, "
+                             f"thresholds.json and {STAINED_THRESHOLDS}; remove them from inference.json")
         inference = from_dict(InferenceConfig, values)
+    if (folder / STAINED_THRESHOLDS).exists():
+        inference = replace(inference, stained_thresholds=load_json(PostprocessConfig, folder / STAINED_THRESHOLDS))
     return ModelBundle(network, info.model, info.target_diameter, thresholds, info.architecture, inference, folder)
 
 

@@ -288,7 +288,7 @@ class Segmenter:
         """The rest of ``segment``: the nuclei from the network's outputs, and the quality estimate."""
         started = time.perf_counter()
         probabilities = prediction.probabilities
-        labels = instances(probabilities, self.thresholds, prediction.diameter)
+        labels = instances(probabilities, self.config.thresholds_for(prediction.stained), prediction.diameter)
         result = Segmentation(labels, prediction.diameter, prediction.scale, prediction.diameter_estimated,
                               image=prediction.image, metadata=prediction.metadata)
         if len(probabilities) >= 3:  # a network with a size output (every model since the size output came)
