@@ -263,7 +263,7 @@ class _Plan:
         y0, x0, y1, x1 = max(0, y - m), max(0, x - m), min(h, y + b + m), min(w, x + b + m)
         view = _Normalised(open_large(self.source), self.normalise)
         probabilities = segmenter.probabilities(view, self.scale, (y0, y1, x0, x1))
-        found = instances(probabilities, segmenter.thresholds, self.diameter)
+        found = instances(probabilities, segmenter.config.thresholds_for(self.normalise.kind == STAIN), self.diameter)
         kept = np.zeros((b + 2 * m, b + 2 * m), np.int32)
         count, reach = 0, 0
         for index, box in enumerate(ndi.find_objects(found), start=1):

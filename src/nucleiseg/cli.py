@@ -97,7 +97,8 @@ def get_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="tune post-processing thresholds on the validation split",
                        formatter_class=formatter)
-    p.add_argument("--model", required=True, help="model folder; thresholds.json is written into it")
+    p.add_argument("--model", required=True, help="model folder; thresholds.json (and, tuned on the stained "
+                                                  "images, thresholds_stained.json) is written into it")
     p.add_argument("--config", help="training config whose validation split to tune on (default: the model "
                                     "folder's train_config.json, the split the model was trained with)")
 

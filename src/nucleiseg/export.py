@@ -198,6 +198,23 @@ def _training_data(model: ModelBundle) -> tuple[list[str], list[str]]:
     return folders, [key for key in DATASETS if any(key in f for f in folders)]
 
 
+def _stained_snippet(t) -> str:
+    """The README's line on the stained images' own thresholds (``thresholds_stained.json``), if any."""
+    if t is None:
+        return ""
+    return (f"\nFor stained images (read through their haematoxylin channel) the model has thresholds of its own "
+            f"(`thresholds_stained.json`): `PostprocessConfig(foreground_threshold={t.foreground_threshold:g}, "
+            f"marker_threshold={t.marker_threshold:g}, min_area_fraction={t.min_area_fraction:g})`.\n")
+
+
+def _stained_config(t) -> dict:
+    """The stained images' own thresholds for the package's config, if any."""
+    if t is None:
+        return {}
+    return {"stained_thresholds": {"foreground_threshold": t.foreground_threshold,
+                                   "marker_threshold": t.marker_threshold, "min_area_fraction": t.min_area_fraction}}
+
+
 def _documentation(model: ModelBundle, spec_version: str) -> str:
     """The package's README.md: what the network does, its input, outputs, scale, training data, validation."""
     d, t = model.target_diameter, model.thresholds
@@ -254,7 +271,7 @@ thresholds = PostprocessConfig(foreground_threshold={t.foreground_threshold:g}, 
                                min_area_fraction={t.min_area_fraction:g})
 labels = instances(probabilities[0], thresholds, diameter={d:g})  # (H, W) int32, 1..N
 ```
-
+{_stained_snippet(model.inference.stained_thresholds)}
 Markers where `centre` exceeds the marker threshold grow by watershed inside `foreground`. Or segment the
 images with nucleiseg itself (`nucleiseg segment IMAGES --out RESULTS --model MODEL_FOLDER`), which also
 prepares any modality and estimates the scale. The thresholds are the model's (`thresholds.json`{
@@ -336,5 +353,5 @@ def _description(model: ModelBundle, staging: Path):
             task="instance segmentation"),
             nucleiseg={"target_diameter": d, "foreground_threshold": t.foreground_threshold,
                        "marker_threshold": t.marker_threshold, "min_area_fraction": t.min_area_fraction,
-                       "size_range": SIZE_RANGE}),
+                       "size_range": SIZE_RANGE} | _stained_config(model.inference.stained_thresholds)),
     )

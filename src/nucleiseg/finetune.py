@@ -73,7 +73,8 @@ def finetune(pairs: list[LabelledImage], run_dir: str | os.PathLike, cfg: TrainC
         Show progress bars.
 
     The model folder keeps the base model's inference settings; its thresholds are re-tuned on the
-    held-out images when there are at least ``MIN_TUNE_IMAGES``, else they are the base model's.
+    held-out images when there are at least ``MIN_TUNE_IMAGES`` (and then serve every image, stained ones
+    too), else they are the base model's (its stained images' own included).
     """
     cfg = cfg or finetune_config()
     if not cfg.init_from:
@@ -83,15 +84,16 @@ def finetune(pairs: list[LabelledImage], run_dir: str | os.PathLike, cfg: TrainC
     log.info("fine-tuning %s on %d images, validating on %d", cfg.init_from, len(train), len(val))
     folder = fit(cfg, run_dir, progress=progress, samples=(train, val))
     base, tuned = load_model(cfg.init_from), load_model(folder)
-    thresholds = base.thresholds
+    thresholds, inference = base.thresholds, base.inference
     held_out = [s for s in val if all(s is not t for t in train)]
     if len(held_out) >= MIN_TUNE_IMAGES:
         thresholds, report = tune_thresholds(tuned, held_out, progress)
         thresholds.tuned_on = f"{len(held_out)} held-out images of the fine-tune"
+        inference = dataclasses.replace(inference, stained_thresholds=None)  # tuned for the base network
         log.info("thresholds re-tuned: DSB %.4f on %d held-out images", report.dsb_score, len(held_out))
     else:
         log.warning("%d held-out images: keeping the thresholds of %s (re-tuning needs %d)", len(held_out),
                     cfg.init_from, MIN_TUNE_IMAGES)
     save_model(folder, ModelBundle(tuned.network, tuned.config, tuned.target_diameter, thresholds,
-                                   tuned.architecture, base.inference), cfg)
+                                   tuned.architecture, inference), cfg)
     return folder

@@ -91,7 +91,8 @@ class Segmenter:
         "cpu", "cuda" or "mps"; a device that is not there is an error. Post-processing runs on the CPU.
     **settings
         Settings to change (``InferenceConfig.updated``), e.g. ``tta=True``, ``marker_threshold=0.4`` or
-        ``thresholds=PostprocessConfig(...)``; None keeps the setting as it is.
+        ``thresholds=PostprocessConfig(...)``; None keeps the setting as it is. Thresholds given so apply to
+        every image: the model's thresholds for stained images are then not used.
 
     A Segmenter built from a model folder or name pickles as that folder and its settings, so that a
     worker process rebuilds it.
