@@ -353,8 +353,7 @@ def _segment_image(segmenter: Segmenter, image: np.ndarray, metadata: ImageMetad
     outputs next to ``base`` (output folder / output name), then its ``record`` with the summary row and the
     names of the files written. Returns the summary row."""
     with network_threads(thread_count):
-        prediction = segmenter.predict(image, diameter)
-    prediction.metadata, prediction.timings = metadata, {"read": read_seconds} | prediction.timings
+        prediction = segmenter.predict_read(image, metadata, read_seconds, diameter)
     segmentation = segmenter.label_nuclei(prediction)
     del prediction  # its probabilities: the largest arrays of an image, not needed to write the outputs
     record["summary"] = summary_row(base.name, path, segmentation)

@@ -85,6 +85,12 @@ class ModelBundle:
         return self._network is not None
 
     @property
+    def on_cpu(self) -> bool:
+        """True where the network is on the CPU, or not read yet (it is read onto the CPU)."""
+        weight = next(self._network.parameters(), None) if self._network is not None else None
+        return weight is None or weight.device.type == "cpu"
+
+    @property
     def target_diameter(self) -> float:
         return self.inference.target_diameter
 

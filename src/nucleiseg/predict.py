@@ -228,10 +228,7 @@ def onnx_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
 def auto_predictor(model: ModelBundle, config: InferenceConfig) -> Predictor:
     """onnxruntime where it runs the same network faster (the CPU, float32, an up-to-date export in the
     model folder); torch otherwise (a GPU, bf16, no export)."""
-    # a network not read yet will be read onto the CPU
-    weight = next(model.network.parameters(), None) if model.network_loaded else None
-    on_cpu = weight is None or weight.device.type == "cpu"
-    if on_cpu and not config.bf16 and model.folder is not None and (model.folder / ONNX_FILE).is_file():
+    if model.on_cpu and not config.bf16 and model.folder is not None and (model.folder / ONNX_FILE).is_file():
         try:
             return onnx_predictor(model, config)
         except ValueError as exc:

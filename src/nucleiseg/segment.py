@@ -143,10 +143,7 @@ class Segmenter:
         call at once (``batch.segment_batch`` segments images side by side then)."""
         if self.custom_predictor:
             return False
-        if isinstance(self.predictor, OnnxPredictor):
-            return True
-        weight = next(self.bundle.network.parameters(), None)
-        return weight is None or weight.device.type == "cpu"
+        return isinstance(self.predictor, OnnxPredictor) or self.bundle.on_cpu
 
     @property
     def thresholds(self):
@@ -313,9 +310,14 @@ class Segmenter:
     def predict_file(self, path: str | os.PathLike, diameter: float | None = None, channel: int | None = None
                      ) -> Prediction:
         """The network's part of ``segment_file``: read the file and predict (``predict``)."""
-        image, metadata, read = self.read_file(path, channel)
+        return self.predict_read(*self.read_file(path, channel), diameter)
+
+    def predict_read(self, image: np.ndarray, metadata: ImageMetadata, read_seconds: float,
+                     diameter: float | None = None) -> Prediction:
+        """``predict`` on what ``read_file`` returned: the prediction carries the file's metadata and the
+        time it took to read."""
         prediction = self.predict(image, diameter)
-        prediction.metadata, prediction.timings = metadata, {"read": read} | prediction.timings
+        prediction.metadata, prediction.timings = metadata, {"read": read_seconds} | prediction.timings
         return prediction
 
     def read_file(self, path: str | os.PathLike, channel: int | None = None
