@@ -28,6 +28,20 @@ def test_pointwise_predictor_is_reproduced_exactly(shape, tile, overlap):
     np.testing.assert_allclose(out[1], image[0] * 2, rtol=1e-5)
 
 
+def test_a_frame_up_to_one_and_a_half_tiles_is_one_tile_and_a_longer_one_is_split():
+    seen = []
+
+    def record(batch: np.ndarray) -> np.ndarray:
+        seen.append(batch.shape)
+        return plus_one(batch)
+
+    predict_tiled(record, np.zeros((1, 520, 696), np.float32), 2, tile=512, overlap=64)
+    assert seen == [(1, 1, 520, 696)]  # split, it would be four padded tiles of 292 x 380
+    seen.clear()
+    predict_tiled(record, np.zeros((1, 520, 1000), np.float32), 2, tile=512, overlap=64)
+    assert seen == [(3, 1, 520, 376)]  # three tiles of at most 512 along the long side, in one batch
+
+
 def tile_mean(batch: np.ndarray) -> np.ndarray:
     """Each tile's mean everywhere on it: the output depends on where the tiles are."""
     return np.broadcast_to(batch.mean(axis=(2, 3), keepdims=True), batch.shape).copy()

@@ -131,9 +131,7 @@ class InferenceConfig:
     stained_thresholds: PostprocessConfig | None = None
     min_scale: float = MIN_SCALE
     max_scale: float = MAX_SCALE
-    # the network sees tiles of at most this side (after rescaling), so memory stays bounded; 768 keeps a
-    # microscope frame (often 520-700 px a side) in one tile: split, its tiles overlap and are padded
-    tile: int = 768
+    tile: int = 512  # the network sees tiles of at most this side (after rescaling), so memory stays bounded
     overlap: int = 64  # pixels shared by neighbouring tiles, blended
     max_megapixels: float = MAX_MEGAPIXELS
     tta: bool = False  # average the predictions of the four flips (4x slower, slightly better)

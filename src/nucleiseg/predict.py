@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from nucleiseg.model import ModelBundle
 
 TILE_BATCH = 4  # tiles per network call
+ONE_TILE_UP_TO = 1.5  # an axis up to this many tiles long is not split (``_axis_tiles``)
 GPU_TILE_BATCH = 16  # a GPU is mostly idle on 4 tiles of 512 x 512
 ArrayFunction = Callable[[np.ndarray], np.ndarray]  # (B, C, h, w) float32 -> (B, K, h, w) float32
 _threads: int | None = None  # the network's threads (``set_threads``); None: OMP_NUM_THREADS, else every core
@@ -311,11 +312,15 @@ def _axis_tiles(
     """Along one axis of ``length`` pixels: the starts of the tiles of the whole axis' grid that reach
     ``lo:hi``, the tile size, its 1-D blending weight and the sum of the weights of all tiles over ``lo:hi``.
 
-    The tiles are as few as tiles of at most ``tile`` pixels can be, and no larger than it takes for them to
-    cover the axis with ``overlap``: a 520-pixel axis gets two tiles of 292, not two of 512 (the network
-    would see 1.75 times the pixels)."""
-    count = 1 if length <= tile else math.ceil((length - overlap) / (tile - overlap))
-    size = min(tile, length, math.ceil((length + (count - 1) * overlap) / count))
+    An axis up to ``ONE_TILE_UP_TO`` tiles long is one tile: split, its tiles would overlap and each be
+    padded (a 520-pixel axis as two tiles of 292, padded to 320, is 1.2 times the pixels), and a microscope
+    frame is often 520-700 pixels a side. A longer axis gets tiles of at most ``tile`` pixels, as few as can
+    be and no larger than it takes for them to cover the axis with ``overlap``."""
+    if length <= tile * ONE_TILE_UP_TO:
+        count, size = 1, length
+    else:
+        count = math.ceil((length - overlap) / (tile - overlap))
+        size = min(tile, math.ceil((length + (count - 1) * overlap) / count))
     starts = tile_starts(length, size, overlap)
     weight = taper(size, overlap) if len(starts) > 1 else np.ones(size, np.float32)
     norm = np.zeros(length, np.float32)
