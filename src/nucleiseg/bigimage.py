@@ -190,7 +190,7 @@ def segment_large(
     elif not diameter > 0:
         raise ValueError(f"diameter must be a positive number of pixels, got {diameter}")
     else:
-        scale = segmenter.scale_for(diameter)
+        scale = segmenter.segmentation_scale(diameter)
     if overlap is None:
         overlap = context(segmenter, scale) + math.ceil(MAX_NUCLEUS * diameter)
     check_overlap(overlap, block, segmenter, diameter, scale)

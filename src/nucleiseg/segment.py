@@ -33,9 +33,10 @@ ESTIMATE_CROP = 768  # side of the central crop used to estimate the diameter
 # reads nuclei of 10-140 px there (0.3-4x the training size), smaller ones as about 10 px
 FIRST_SCALE = 0.5
 KEEP_WITHIN = math.log(1.3)  # a pass within 1.3x of the scale its size output implies is kept
-# a new pass shows the nuclei at 1.2x the training size: the network outlines nuclei a little larger than
-# that size better than smaller ones (validation split and external sets: both models score as well or
-# better than with passes at exactly the scale a reading implies)
+# an image is segmented with its nuclei at 1.2x the training size (or as it is, where that is within 1.3x):
+# the network outlines nuclei a little larger than that size better than smaller ones (validation split and
+# external sets, with the diameter estimated or the true one given: as good or better than at exactly the
+# training size)
 SEEN_LARGER = 1.2
 MAX_ESTIMATE_PASSES = 3
 # where the network finds nothing it looks again at twice the scale, up to this one (nuclei of 2-4 px then
@@ -191,6 +192,12 @@ class Segmenter:
         """The factor that brings nuclei of ``diameter`` pixels to the training size, within the bounds."""
         return scale_factor(diameter, self.target_diameter, self.config.min_scale, self.config.max_scale)
 
+    def segmentation_scale(self, diameter: float) -> float:
+        """The factor an image with nuclei of ``diameter`` pixels is segmented at: its nuclei at 1.2x the
+        training size (``SEEN_LARGER``), or the image as it is where that is within 1.3x."""
+        scale = min(self.scale_for(diameter) * SEEN_LARGER, self.config.max_scale)
+        return 1.0 if abs(math.log(scale)) < KEEP_WITHIN else scale
+
     def probabilities(self, x: np.ndarray, scale: float, region: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """(H, W) normalised image -> (K, H, W) probabilities, the network seeing it resized by ``scale``;
         with ``region`` (y0, y1, x0, x1), that part only, as the whole image's prediction has it."""
@@ -203,10 +210,10 @@ class Segmenter:
         trained on nuclei from 0.3x to 4x the training size, so one pass over a central crop reads the size
         directly, with no iteration that could settle on clusters or texture. That pass sees the crop at half
         size (``FIRST_SCALE``): cheap, and large enough for all but the smallest nuclei. It is kept where the
-        nuclei it saw were 1-1.3x the training size; otherwise a second pass shows the nuclei at 1.2x the
-        training size (``SEEN_LARGER``), or runs at scale 1 where that is within 1.3x, kept where its own
-        reading agrees within 1.3x (the network was trained at 0.6-1.6x), and a third only if the second
-        disagrees. Where nothing is found, the scale doubles up to 2x, to look for small nuclei.
+        nuclei it saw were 1-1.3x the training size; otherwise a second pass runs at the scale the image is
+        segmented at (``segmentation_scale``), kept where its own reading agrees within 1.3x (the network was
+        trained at 0.6-1.6x), and a third only if the second disagrees. Where nothing is found, the scale
+        doubles up to 2x, to look for small nuclei.
 
         Returns the diameter (None if no nucleus was found; the scale is then 1), the scale of the last
         pass and, when the crop was the whole image, the outputs of that pass.
@@ -231,9 +238,7 @@ class Segmenter:
             # outlined less well
             if abs(math.log(implied / scale)) < KEEP_WITHIN and (made > 1 or implied <= scale):
                 break
-            scale = min(implied * SEEN_LARGER, self.config.max_scale)
-            if abs(math.log(scale)) < KEEP_WITHIN:
-                scale = 1.0  # near enough to the image's own size: no rescaling, no more pixels than the image
+            scale = self.segmentation_scale(diameter)
         scale, outputs = settled
         return diameter, scale, outputs if crop.shape == x.shape else None
 
@@ -260,7 +265,7 @@ class Segmenter:
         if diameter is None:
             diameter, scale, outputs = self.estimate_diameter(x)
         else:
-            scale = self.scale_for(diameter)
+            scale = self.segmentation_scale(diameter)
         if outputs is None:
             outputs = self.probabilities(x, scale)
         return outputs, diameter, scale
