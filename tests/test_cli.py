@@ -56,6 +56,6 @@ def test_segment_help_shows_the_inference_defaults():
 
     text = " ".join(get_parser()._subparsers._group_actions[0].choices["segment"].format_help().split())
     defaults = InferenceConfig()
-    assert f"(multiple of 16) (default: {defaults.tile})" in text
+    assert f"as long is one tile) (default: {defaults.tile})" in text
     assert f"(default: {defaults.max_megapixels})" in text
     assert "--outputs OUTPUTS comma-separated outputs per image, among labels, overlay, csv" in text

@@ -37,7 +37,7 @@ def number(kind: type, low: float, high: float = math.inf, low_open: bool = Fals
 
 # segment options that set an InferenceConfig field (or a threshold) of the same name
 INFERENCE_OPTIONS = [
-    ("--tile", number(int, 32), "tile size for large images (multiple of 16)"),
+    ("--tile", number(int, 32), "tile size for large images (multiple of 16; a side up to 1.5x as long is one tile)"),
     ("--overlap", number(int, 0), "pixels shared by neighbouring tiles"),
     ("--max-megapixels", number(float, 0, low_open=True), "refuse larger images"),
     ("--tta", bool, "average over flips (4x slower, slightly better)"),

@@ -131,7 +131,9 @@ class InferenceConfig:
     stained_thresholds: PostprocessConfig | None = None
     min_scale: float = MIN_SCALE
     max_scale: float = MAX_SCALE
-    tile: int = 512  # the network sees tiles of at most this side (after rescaling), so memory stays bounded
+    # the network sees tiles of at most this side (after rescaling; a side up to 1.5x as long is not split),
+    # so memory stays bounded
+    tile: int = 512
     overlap: int = 64  # pixels shared by neighbouring tiles, blended
     max_megapixels: float = MAX_MEGAPIXELS
     tta: bool = False  # average the predictions of the four flips (4x slower, slightly better)

@@ -248,7 +248,8 @@ little (by less than 0.001 on nucleiseg's bundled H&E samples).
 **Scale.** The network was trained on nuclei rescaled to about {d:g} px in diameter. nucleiseg estimates each
 image's nucleus size (from the size output) and rescales the image before predicting; this package runs at
 the image's own scale, so rescale images whose nuclei are far from {d:g} px wide (or use nucleiseg).
-nucleiseg predicts large images in tiles of {inference.tile} px overlapping by {inference.overlap} px.
+nucleiseg predicts large images in tiles of {inference.tile} px overlapping by {inference.overlap} px (a side up to
+1.5 tiles long is not split).
 
 ## Outputs
 

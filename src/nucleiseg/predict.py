@@ -296,7 +296,8 @@ def predict_tiled(
     overlap: int,
     batch_size: int = TILE_BATCH,
 ) -> np.ndarray:
-    """Run ``function`` over (C, H, W) ``image`` in overlapping tiles of at most ``tile`` pixels and blend them.
+    """Run ``function`` over (C, H, W) ``image`` in overlapping tiles of at most ``tile`` pixels and blend them
+    (an axis up to ``ONE_TILE_UP_TO`` tiles long is not split).
 
     ``function`` maps a (B, C, h, w) float32 array to (B, out_channels, h, w). Returns (out_channels, H, W)
     float32; see ``predict_region``.

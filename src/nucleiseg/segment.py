@@ -195,7 +195,7 @@ class Segmenter:
     def segmentation_scale(self, diameter: float) -> float:
         """The factor an image with nuclei of ``diameter`` pixels is segmented at: its nuclei at 1.2x the
         training size (``SEEN_LARGER``), or the image as it is where that is within 1.3x."""
-        scale = min(self.scale_for(diameter) * SEEN_LARGER, self.config.max_scale)
+        scale = self.scale_for(diameter / SEEN_LARGER)
         return 1.0 if abs(math.log(scale)) < KEEP_WITHIN else scale
 
     def probabilities(self, x: np.ndarray, scale: float, region: tuple[int, int, int, int] | None = None) -> np.ndarray:
@@ -216,29 +216,30 @@ class Segmenter:
         doubles up to 2x, to look for small nuclei.
 
         Returns the diameter (None if no nucleus was found; the scale is then 1), the scale of the last
-        pass and, when the crop was the whole image, the outputs of that pass.
+        pass that found nuclei and, when the crop was the whole image, the outputs of that pass.
         """
         h, w = x.shape
         top, left = max(0, (h - ESTIMATE_CROP) // 2), max(0, (w - ESTIMATE_CROP) // 2)
         crop = x[top : top + ESTIMATE_CROP, left : left + ESTIMATE_CROP]
-        scale, diameter, settled = FIRST_SCALE, None, None
+        scale, diameter, settled = max(FIRST_SCALE, self.config.min_scale), None, None
         for made in range(1, MAX_ESTIMATE_PASSES + 1):
             outputs = self.probabilities(crop, scale)
             found = self.read_diameter(outputs, scale)
             if found is None:
-                if diameter is None and scale < LOOK_FINER:  # nothing found yet: look again, finer
+                finest = min(LOOK_FINER, self.config.max_scale)
+                if diameter is None and scale < finest:  # nothing found yet: look again, finer
                     if settled is None or scale == 1.0:
                         settled = (scale, outputs)  # used if nothing is found at all
-                    scale = min(2 * scale, LOOK_FINER)
+                    scale = min(2 * scale, finest)
                     continue
                 break
             diameter, settled = found, (scale, outputs)
-            implied = self.scale_for(diameter)
+            implied, wanted = self.scale_for(diameter), self.segmentation_scale(diameter)
             # the first pass only where it saw the nuclei at least at the training size: smaller, they are
-            # outlined less well
-            if abs(math.log(implied / scale)) < KEEP_WITHIN and (made > 1 or implied <= scale):
+            # outlined less well; a pass is never repeated at its own scale
+            if abs(math.log(implied / scale)) < KEEP_WITHIN and (made > 1 or implied <= scale) or wanted == scale:
                 break
-            scale = self.segmentation_scale(diameter)
+            scale = wanted
         scale, outputs = settled
         return diameter, scale, outputs if crop.shape == x.shape else None
 
