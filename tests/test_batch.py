@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from nucleiseg.batch import segment_batch
-from nucleiseg.config import InferenceConfig, TrainConfig, from_dict
+from nucleiseg.config import TrainConfig, from_dict
 from nucleiseg.io import read_image
 from nucleiseg.model import load_model
 from nucleiseg.network import UNet
@@ -312,15 +312,14 @@ def test_inference_settings_come_from_the_model_folder(tmp_path, tiny_model):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model, folder)
     settings = json.loads((folder / "inference.json").read_text())
-    # thresholds stay in thresholds.json
-    assert settings["tile"] == InferenceConfig().tile and "thresholds" not in settings
+    assert settings["tile"] == 512 and "thresholds" not in settings  # thresholds stay in thresholds.json
     (folder / "inference.json").write_text(json.dumps(settings | {"tile": 256, "tta": True}))
     segmenter = Segmenter(folder)
     assert segmenter.config.tile == 256 and segmenter.config.tta
     assert segmenter.config.thresholds.marker_threshold == 0.38
     assert Segmenter(folder, tta=False).config.tta is False  # an option given overrides the folder's
     (folder / "inference.json").unlink()
-    assert Segmenter(folder).config.tile == InferenceConfig().tile  # defaults when the file is absent
+    assert Segmenter(folder).config.tile == 512  # defaults when the file is absent
     (folder / "inference.json").write_text(json.dumps({"tiles": 256}))
     with pytest.raises(ValueError, match=r"unknown InferenceConfig keys \['tiles'\]"):
         Segmenter(folder)

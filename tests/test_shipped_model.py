@@ -117,3 +117,27 @@ def test_large_faint_nuclei_are_found_whole(segmenter):
     result = segmenter.segment(read_image(SAMPLES / "fluorescence_large_nuclei.png"))
     areas = np.bincount(result.labels.ravel())[1:]
     assert len(areas) == 3 and areas.max() > 10000  # the largest, ~130 px wide, in one piece
+
+
+def test_the_estimate_looks_at_half_size_first_and_segments_at_the_scale_it_reads(samples, segmenter,
+                                                                                  monkeypatch):
+    """The first pass sees the crop at half size; an image is segmented with its nuclei at 1.2x the training
+    size (or as it is, within 1.3x), whether its diameter was estimated or given; no pass is repeated."""
+    from nucleiseg import segment
+
+    scales = []
+    probabilities = segmenter.probabilities
+    monkeypatch.setattr(segmenter, "probabilities", lambda x, scale, region=None: scales.append((scale, x.shape))
+                        or probabilities(x, scale, region))
+    for sample in samples:
+        scales.clear()
+        result = segmenter.segment(sample.image)
+        crop = [scale for scale, shape in scales if shape != sample.image.shape[:2]] or [s for s, _ in scales]
+        assert scales[0][0] == segment.FIRST_SCALE and len(crop) == len(set(crop)) <= segment.MAX_ESTIMATE_PASSES
+        seen = result.diameter * result.scale / segmenter.target_diameter  # nuclei as the network saw them
+        assert result.scale == 1.0 or 1.0 <= seen < 1.3 or abs(seen - segment.SEEN_LARGER) < 0.3
+        assert segmenter.segment(sample.image, diameter=result.diameter).scale == segmenter.segmentation_scale(
+            result.diameter)
+    assert segmenter.segmentation_scale(segmenter.target_diameter) == 1.0  # within 1.3x: not rescaled
+    assert segmenter.segmentation_scale(3 * segmenter.target_diameter) == pytest.approx(segment.SEEN_LARGER / 3)
+    assert segmenter.segmentation_scale(1000.0) == segmenter.config.min_scale
