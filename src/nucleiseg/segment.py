@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 ESTIMATE_CROP = 768  # side of the central crop used to estimate the diameter
 # the first pass sees the crop at half size, a quarter of the cost of a pass at scale 1: the size output
-# reads nuclei of 10-140 px there (0.3-4x the training size), smaller ones as about 10 px
+# reads nuclei of 10-140 px there (0.3-4x the training size); smaller ones vanish, and what it then reads
+# may be texture (~30 px on brightfield images of 4 px nuclei), so it is trusted only to shrink the image
 FIRST_SCALE = 0.5
 KEEP_WITHIN = math.log(1.3)  # a pass within 1.3x of the scale its size output implies is kept
 # an image is segmented with its nuclei at 1.2x the training size (or as it is, where that is within 1.3x):
@@ -38,7 +39,7 @@ KEEP_WITHIN = math.log(1.3)  # a pass within 1.3x of the scale its size output i
 # external sets, with the diameter estimated or the true one given: as good or better than at exactly the
 # training size)
 SEEN_LARGER = 1.2
-MAX_ESTIMATE_PASSES = 3
+MAX_ESTIMATE_PASSES = 4  # the half-size look, then at most three, as many as a first look at scale 1 had
 # where the network finds nothing it looks again at twice the scale, up to this one (nuclei of 2-4 px then
 # reach the smallest size it was trained on); an image where nothing is found at all is segmented at scale 1
 LOOK_FINER = 2.0
@@ -209,11 +210,12 @@ class Segmenter:
         The network's size output says, for every nucleus pixel, how large its nucleus is; it was
         trained on nuclei from 0.3x to 4x the training size, so one pass over a central crop reads the size
         directly, with no iteration that could settle on clusters or texture. That pass sees the crop at half
-        size (``FIRST_SCALE``): cheap, and large enough for all but the smallest nuclei. It is kept where the
-        nuclei it saw were 1-1.3x the training size; otherwise a second pass runs at the scale the image is
-        segmented at (``segmentation_scale``), kept where its own reading agrees within 1.3x (the network was
-        trained at 0.6-1.6x), and a third only if the second disagrees. Where nothing is found, the scale
-        doubles up to 2x, to look for small nuclei.
+        size (``FIRST_SCALE``): cheap, and enough to read large nuclei. It is kept where the nuclei it saw were
+        1-1.3x the training size; where they looked larger, the next pass runs at the scale the image is
+        segmented at (``segmentation_scale``); where they looked smaller (or were too small to see), at that
+        scale but at least the image's own. A pass is kept where its own reading agrees within 1.3x (the
+        network was trained at 0.6-1.6x), else one more runs. Where nothing is found, the scale doubles up to
+        2x, to look for small nuclei.
 
         Returns the diameter (None if no nucleus was found; the scale is then 1), the scale of the last
         pass that found nuclei and, when the crop was the whole image, the outputs of that pass.
@@ -239,7 +241,8 @@ class Segmenter:
             # outlined less well; a pass is never repeated at its own scale
             if abs(math.log(implied / scale)) < KEEP_WITHIN and (made > 1 or implied <= scale) or wanted == scale:
                 break
-            scale = wanted
+            # nuclei that looked smaller than the training size at half size are looked at again at full size
+            scale = max(wanted, 1.0) if made == 1 and implied > scale else wanted
         scale, outputs = settled
         return diameter, scale, outputs if crop.shape == x.shape else None
 
