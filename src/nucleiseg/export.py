@@ -23,7 +23,7 @@ from nucleiseg.data import DARK_BACKGROUND, SIZE_RANGE, input_kind, normalise, p
 from nucleiseg.io import atomic_path, read_image, to_gray
 from nucleiseg.model import TRAIN_CONFIG, WEIGHTS, ModelBundle, file_digest
 from nucleiseg.network import load_network, weights_digest
-from nucleiseg.predict import WEIGHTS_FILE_KEY, WEIGHTS_KEY, torch_predictor
+from nucleiseg.predict import ONE_TILE_UP_TO, WEIGHTS_FILE_KEY, WEIGHTS_KEY, torch_predictor
 
 ONNX_OPSET = 17
 
@@ -198,21 +198,28 @@ def _training_data(model: ModelBundle) -> tuple[list[str], list[str]]:
     return folders, [key for key in DATASETS if any(key in f for f in folders)]
 
 
+def _threshold_values(t) -> dict[str, float]:
+    """The thresholds of PostprocessConfig ``t`` (without where they were tuned)."""
+    return {"foreground_threshold": t.foreground_threshold, "marker_threshold": t.marker_threshold,
+            "min_area_fraction": t.min_area_fraction}
+
+
+def _threshold_call(t) -> str:
+    """The PostprocessConfig(...) call that gives the thresholds of ``t``, for the package's README."""
+    return "PostprocessConfig(" + ", ".join(f"{k}={v:g}" for k, v in _threshold_values(t).items()) + ")"
+
+
 def _stained_snippet(t) -> str:
     """The README's line on the stained images' own thresholds (``thresholds_stained.json``), if any."""
     if t is None:
         return ""
     return (f"\nFor stained images (read through their haematoxylin channel) the model has thresholds of its own "
-            f"(`thresholds_stained.json`): `PostprocessConfig(foreground_threshold={t.foreground_threshold:g}, "
-            f"marker_threshold={t.marker_threshold:g}, min_area_fraction={t.min_area_fraction:g})`.\n")
+            f"(`thresholds_stained.json`): `{_threshold_call(t)}`.\n")
 
 
 def _stained_config(t) -> dict:
     """The stained images' own thresholds for the package's config, if any."""
-    if t is None:
-        return {}
-    return {"stained_thresholds": {"foreground_threshold": t.foreground_threshold,
-                                   "marker_threshold": t.marker_threshold, "min_area_fraction": t.min_area_fraction}}
+    return {} if t is None else {"stained_thresholds": _threshold_values(t)}
 
 
 def _documentation(model: ModelBundle, spec_version: str) -> str:
@@ -249,7 +256,7 @@ little (by less than 0.001 on nucleiseg's bundled H&E samples).
 image's nucleus size (from the size output) and rescales the image before predicting; this package runs at
 the image's own scale, so rescale images whose nuclei are far from {d:g} px wide (or use nucleiseg).
 nucleiseg predicts large images in tiles of {inference.tile} px overlapping by {inference.overlap} px (a side up to
-1.5 tiles long is not split).
+{ONE_TILE_UP_TO:g} tiles long is not split).
 
 ## Outputs
 
@@ -268,8 +275,7 @@ of the network's logits, three channels:
 from nucleiseg.config import PostprocessConfig
 from nucleiseg.postprocess import instances
 
-thresholds = PostprocessConfig(foreground_threshold={t.foreground_threshold:g}, marker_threshold={t.marker_threshold:g},
-                               min_area_fraction={t.min_area_fraction:g})
+thresholds = {_threshold_call(t)}
 labels = instances(probabilities[0], thresholds, diameter={d:g})  # (H, W) int32, 1..N
 ```
 {_stained_snippet(model.inference.stained_thresholds)}
@@ -352,7 +358,6 @@ def _description(model: ModelBundle, staging: Path):
         config=bio.Config(bioimageio=bio.BioimageioConfig(
             architecture_type="2D U-Net", modality="fluorescence and H&E microscopy", target_structure=["nuclei"],
             task="instance segmentation"),
-            nucleiseg={"target_diameter": d, "foreground_threshold": t.foreground_threshold,
-                       "marker_threshold": t.marker_threshold, "min_area_fraction": t.min_area_fraction,
-                       "size_range": SIZE_RANGE} | _stained_config(model.inference.stained_thresholds)),
+            nucleiseg={"target_diameter": d, **_threshold_values(t), "size_range": SIZE_RANGE}
+            | _stained_config(model.inference.stained_thresholds)),
     )

@@ -160,8 +160,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, lazy: bool = Fal
     """Load a model folder strictly: unknown config keys or mismatched weights raise.
 
     thresholds.json, thresholds_stained.json and inference.json are optional: their defaults apply where they
-    are absent. With
-    ``lazy`` the weights are read (and checked) on first use of ``ModelBundle.network`` instead."""
+    are absent. With ``lazy`` the weights are read (and checked) on first use of ``ModelBundle.network``
+    instead."""
     folder = model_folder(name_or_path)
     info = load_json(ModelInfo, folder / "model.json")
     if info.architecture not in ARCHITECTURES:

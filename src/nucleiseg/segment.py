@@ -224,11 +224,11 @@ class Segmenter:
         top, left = max(0, (h - ESTIMATE_CROP) // 2), max(0, (w - ESTIMATE_CROP) // 2)
         crop = x[top : top + ESTIMATE_CROP, left : left + ESTIMATE_CROP]
         scale, diameter, settled = max(FIRST_SCALE, self.config.min_scale), None, None
+        finest = min(LOOK_FINER, self.config.max_scale)
         for made in range(1, MAX_ESTIMATE_PASSES + 1):
             outputs = self.probabilities(crop, scale)
             found = self.read_diameter(outputs, scale)
             if found is None:
-                finest = min(LOOK_FINER, self.config.max_scale)
                 if diameter is None and scale < finest:  # nothing found yet: look again, finer
                     if settled is None or scale == 1.0:
                         settled = (scale, outputs)  # used if nothing is found at all
