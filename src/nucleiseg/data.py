@@ -29,16 +29,25 @@ STAIN, BRIGHT_BACKGROUND, DARK_BACKGROUND = "stain", "bright background", "dark 
 
 def normalise(gray: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
     """Map the ``low`` and ``high`` percentiles to 0 and 1 (values outside are kept, not clipped); float32."""
-    lo, hi = (float(v) for v in np.percentile(gray, (low, high)))
-    return ((gray - lo) / max(hi - lo, 1e-6)).astype(np.float32, copy=False)
+    return _stretch(gray, *np.percentile(gray, (low, high)))
+
+
+def _stretch(gray: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return ((gray - float(lo)) / max(float(hi - lo), 1e-6)).astype(np.float32, copy=False)
+
+
+# the percentiles of a gray image that the network's input is made from: the normalisation's range, and the
+# median that says on which side the background is
+GRAY_LEVELS = (1.0, 50.0, 99.8)
 
 
 def has_bright_background(gray: np.ndarray) -> bool:
-    """True for gray brightfield images (dark nuclei on a light background).
+    """True for gray brightfield images (dark nuclei on a light background)."""
+    return _bright_background(*np.percentile(gray, GRAY_LEVELS))
 
-    Most pixels of a nucleus image are background, so the median says which side it is on.
-    """
-    lo, median, hi = np.percentile(gray, (1.0, 50.0, 99.8))
+
+def _bright_background(lo: float, median: float, hi: float) -> bool:
+    # most pixels of a nucleus image are background, so the median says which side it is on
     return bool(median - lo > 0.5 * (hi - lo))
 
 
@@ -69,9 +78,19 @@ def input_kind(image: np.ndarray) -> str:
     return BRIGHT_BACKGROUND if has_bright_background(to_gray(image)) else DARK_BACKGROUND
 
 
+# the haematoxylin channel of ``skimage.color.rgb2hed`` for each 8-bit value of each of R, G and B:
+# log(max(value / 255, 1e-6)) / log(1e-6) times that channel's weight in its stain matrix
+HAEMATOXYLIN_TABLES = (np.log(np.maximum(np.arange(256) / 255, 1e-6)) / np.log(1e-6))[None] * color.hed_from_rgb[:, :1]
+
+
 def haematoxylin(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB in [0, 1] or uint8 -> (H, W) float32 haematoxylin optical density (high on nuclei)."""
-    return color.rgb2hed(rgb)[..., 0].astype(np.float32)
+    """(H, W, 3) uint8 RGB -> (H, W) float32 haematoxylin optical density (high on nuclei): the first channel of
+    ``skimage.color.rgb2hed``, looked up per channel value instead of computing all three stains in float64."""
+    red, green, blue = HAEMATOXYLIN_TABLES
+    density = red[rgb[..., 0]]
+    density += green[rgb[..., 1]]
+    density += blue[rgb[..., 2]]
+    return np.maximum(density, 0, out=density).astype(np.float32)
 
 
 def prepare_input(image: np.ndarray, kind: str | None = None) -> np.ndarray:
@@ -82,11 +101,32 @@ def prepare_input(image: np.ndarray, kind: str | None = None) -> np.ndarray:
     values it never saw."""
     kind = kind or input_kind(image)
     if kind == STAIN:
-        x = normalise(haematoxylin(to_rgb_uint8(image)))
-    else:
-        x = normalise(to_gray(image))
-        if kind == BRIGHT_BACKGROUND:
-            np.subtract(1.0, x, out=x)
+        return _clipped(normalise(haematoxylin(to_rgb_uint8(image))))
+    return _gray_input(to_gray(image), kind)
+
+
+def network_input(image: np.ndarray) -> tuple[np.ndarray, str]:
+    """``prepare_input(image)`` and ``input_kind(image)``; a gray image and its percentiles are computed once
+    for both."""
+    kind = input_kind(image) if is_colour(image) else None
+    if kind == STAIN:
+        return prepare_input(image, kind), kind
+    gray = to_gray(image)
+    levels = np.percentile(gray, GRAY_LEVELS)
+    kind = kind or (BRIGHT_BACKGROUND if _bright_background(*levels) else DARK_BACKGROUND)
+    return _gray_input(gray, kind, levels), kind
+
+
+def _gray_input(gray: np.ndarray, kind: str, levels: np.ndarray | None = None) -> np.ndarray:
+    """``prepare_input`` of a gray image (the colour fluorescence composites too); ``levels`` are its
+    ``GRAY_LEVELS`` where already computed."""
+    x = normalise(gray) if levels is None else _stretch(gray, levels[0], levels[-1])
+    if kind == BRIGHT_BACKGROUND:
+        np.subtract(1.0, x, out=x)
+    return _clipped(x)
+
+
+def _clipped(x: np.ndarray) -> np.ndarray:
     return np.clip(x, 0.0, 1.0, out=x)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from nucleiseg.config import InferenceConfig
-from nucleiseg.data import STAIN, decode_size, input_kind, prepare_input, scale_factor
+from nucleiseg.data import STAIN, decode_size, network_input, scale_factor
 from nucleiseg.io import ImageMetadata, ImageReadError, check_image, read_image, read_metadata, to_gray
 from nucleiseg.model import DEFAULT_MODEL, ModelBundle, gpu_driver_present, load_model
 from nucleiseg.postprocess import instances
@@ -298,8 +298,8 @@ class Segmenter:
         if diameter is not None:
             self.check_diameter(diameter)
         started = time.perf_counter()
-        kind = input_kind(image)
-        probabilities, found, scale = self.image_probabilities(prepare_input(image, kind), diameter)
+        x, kind = network_input(image)
+        probabilities, found, scale = self.image_probabilities(x, diameter)
         if found is None:
             log.info("no nucleus found while estimating the diameter; using %.0f px", self.target_diameter)
         return Prediction(probabilities, found or self.target_diameter, scale, diameter is None and found is not None,
