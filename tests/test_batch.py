@@ -617,3 +617,27 @@ def test_damaged_weights_are_one_error_line(tmp_path, tiny_model, damage):
     expected = "does not match the network of model.json (size mismatch for" if damage == "wrong_shape" else \
         "not a readable weights file ("
     assert expected in errors[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+def test_freed_memory_goes_back_to_the_os_only_when_there_is_much_of_it():
+    """Trimming after every image made the next one fault its pages in again: the heap is trimmed only once
+    more than KEEP_FREED_UP_TO of it is free. Blocks of 64 KiB stay in the heap (glibc maps larger ones)."""
+    from nucleiseg import batch
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def free_in_heap(total: int) -> tuple[int, list]:
+        blocks = [np.ones(64 << 10, np.uint8) for _ in range(2 * total // (64 << 10))]
+        kept = blocks[1::2]  # every other block stays, so the freed ones are holes the heap cannot shrink past
+        del blocks
+        before = resident()
+        batch.release_freed_memory()
+        return before - resident(), kept
+
+    released, kept = free_in_heap(batch.KEEP_FREED_UP_TO // 4)
+    assert released < batch.KEEP_FREED_UP_TO // 8
+    del kept
+    released, kept = free_in_heap(batch.KEEP_FREED_UP_TO * 3 // 2)
+    assert released > batch.KEEP_FREED_UP_TO // 2

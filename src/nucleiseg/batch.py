@@ -79,12 +79,29 @@ def _glibc():
         return None
 
 
+# glibc keeps the heap memory an image freed for the next images; it is handed back to the OS once this much
+# is free. Handing it back after every image made the next image fault its pages in anew (a batch of 300
+# images: 28 s instead of 23 s, peak 314 MB instead of 335 MB)
+KEEP_FREED_UP_TO = 256 << 20
+
+
+class _MallocInfo(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h)
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 def release_freed_memory() -> None:
-    """Give the heap memory freed by the last image back to the OS. glibc keeps it otherwise, and over
-    thousands of images of varied sizes the resident memory of a batch keeps growing."""
+    """Give the heap memory freed by the images so far back to the OS where more than ``KEEP_FREED_UP_TO`` is
+    free (on a glibc without ``mallinfo2``, always). glibc keeps it otherwise, and over thousands of images of
+    varied sizes the resident memory of a batch keeps growing."""
     libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    if libc is None:
+        return
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
+        libc.mallinfo2.restype = _MallocInfo
+        if libc.mallinfo2().fordblks < KEEP_FREED_UP_TO:  # free bytes, all threads' heaps together
+            return
+    libc.malloc_trim(0)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
