@@ -90,13 +90,25 @@ def measure_nuclei(labels: np.ndarray, image: np.ndarray,
         columns["area_um2"] = columns["area"] * (pixel_size[0] * pixel_size[1])
         columns["equivalent_diameter_um"] = np.sqrt(4 * columns["area_um2"] / np.pi)
     values = intensity[inside].reshape(len(owner), len(names))
-    highest = np.full((len(counts), len(names)), _lowest(values.dtype), values.dtype)
-    np.maximum.at(highest, owner, values)
     for i, channel in enumerate(names):
         columns[f"mean_intensity_{channel}"] = per_nucleus(values[:, i].astype(float))
+    highest = label_maximum(owner, values, len(counts))
     for i, channel in enumerate(names):
         columns[f"max_intensity_{channel}"] = highest[present, i]
     return columns
+
+
+def label_maximum(owner: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    """The largest of the (N, ...) ``values`` of each label of ``owner`` (N labels in 0..size-1), as (size, ...);
+    the type's lowest value for a label without any. By sorting on the label: ``np.maximum.at`` took ten times
+    as long on the values of real images."""
+    order = np.argsort(owner, kind="stable")
+    owner, values = owner[order], values[order]
+    highest = np.full((size, *values.shape[1:]), _lowest(values.dtype), values.dtype)
+    if len(owner):
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        highest[owner[starts]] = np.maximum.reduceat(values, starts, axis=0)
+    return highest
 
 
 # the offsets of a pixel's edge midpoints from its centre: skimage's convex hull of a region is that of the

@@ -35,6 +35,7 @@ from scipy import ndimage as ndi
 from nucleiseg.config import from_dict
 from nucleiseg.data import decode_size
 from nucleiseg.io import atomic_path
+from nucleiseg.measure import label_maximum
 
 QUALITY_FILE = "quality.json"
 SIGNALS = ("border_uncertainty", "size_disagreement", "centre_peak", "area_spread", "foreground_confidence",
@@ -73,8 +74,7 @@ def quality_signals(probabilities: np.ndarray, labels: np.ndarray, target_diamet
     size_code = np.log2(decode_size(size[inside], target_diameter) / target_diameter)
     predicted = np.bincount(owner, weights=size_code, minlength=n + 1)[1:] / area
     own = np.log2(np.sqrt(4 * area / np.pi) * scale / target_diameter)
-    peak = np.zeros(n + 1, np.float32)
-    np.maximum.at(peak, owner, centre[inside])
+    peak = label_maximum(owner, centre[inside], n + 1)
     confidence = np.bincount(owner, weights=foreground[inside], minlength=n + 1)[1:] / area
     faint, _ = ndi.label((foreground > FAINT) & ~inside)
     faint_areas = np.bincount(faint.ravel())[1:]
