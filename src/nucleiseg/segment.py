@@ -255,10 +255,10 @@ class Segmenter:
         foreground = outputs[0] > self.thresholds.foreground_threshold
         if foreground.sum() < np.pi * (self.target_diameter / scale / 2) ** 2 / 4:
             return None
-        diameters = decode_size(outputs[2][foreground], self.target_diameter) / scale
-        order = np.argsort(diameters)
-        weights = np.cumsum(1.0 / diameters[order] ** 2)
-        return float(diameters[order][np.searchsorted(weights, weights[-1] / 2)])
+        # the size output grows with the diameter: sorting its float32 values orders the diameters
+        diameters = decode_size(np.sort(outputs[2][foreground]), self.target_diameter) / scale
+        weights = np.cumsum(1.0 / diameters**2)
+        return float(diameters[np.searchsorted(weights, weights[-1] / 2)])
 
     def image_probabilities(
         self, x: np.ndarray, diameter: float | None = None
