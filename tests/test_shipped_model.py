@@ -119,6 +119,40 @@ def test_large_faint_nuclei_are_found_whole(segmenter):
     assert len(areas) == 3 and areas.max() > 10000  # the largest, ~130 px wide, in one piece
 
 
+def test_small_nuclei_that_vanish_at_half_size_are_not_read_as_texture(train_root, segmenter):
+    """A real fluorescence image shrunk to half (nuclei ~6 px): at the first pass (half size again) the nuclei
+    vanish and the size output reads the texture as nuclei of 75-145 px; a look at the centre at full size
+    finds the small nuclei instead (and, where no first reading is made, a reading of large nuclei that vanish
+    when shrunk to the training size sends the estimate to finer scales)."""
+    from nucleiseg.io import load_sample
+
+    sample = load_sample(train_root / "20b20ab049372d184c705acebe7af026d3580f5fd5a72ed796e3622e1685af2f",
+                         overlap="warn")
+    image, labels = rescale(sample.image, 0.5, order=1), rescale(sample.labels.astype(np.int32), 0.5, order=0)
+    result = segmenter.segment(image)
+    assert abs(np.log(result.diameter / median_diameter(labels))) < np.log(1.5)
+    assert result.diameter_estimated and result.scale > 2
+
+
+def test_nuclei_read_as_large_that_vanish_when_shrunk_send_the_estimate_finer(train_root, monkeypatch):
+    """The same image at a quarter (nuclei ~3 px), default model: the half-size pass finds nothing, the pass at
+    full size reads the texture as nuclei of ~35 px, and they vanish at the scale that reading implies; the
+    estimate then looks at twice the size and reads the nuclei (the fast model's coarser grid does not see
+    nuclei of 3 px; the README says so)."""
+    from nucleiseg.io import load_sample
+
+    sample = load_sample(train_root / "20b20ab049372d184c705acebe7af026d3580f5fd5a72ed796e3622e1685af2f",
+                         overlap="warn")
+    image, labels = rescale(sample.image, 0.25, order=1), rescale(sample.labels.astype(np.int32), 0.25, order=0)
+    segmenter, scales = Segmenter("default"), []
+    probabilities = segmenter.probabilities
+    monkeypatch.setattr(segmenter, "probabilities", lambda x, scale, region=None: scales.append(scale)
+                        or probabilities(x, scale, region))
+    result = segmenter.segment(image)
+    assert scales[:3] == [0.5, 1.0, pytest.approx(0.59, abs=0.01)] and scales[3] == 2.0  # the vanished reading
+    assert abs(np.log(result.diameter / median_diameter(labels))) < np.log(1.5)
+
+
 def test_the_estimate_looks_at_half_size_first_and_segments_at_the_scale_it_reads(samples, segmenter,
                                                                                   monkeypatch):
     """The first pass sees the crop at half size; an image is segmented with its nuclei at 1.2x the training

@@ -29,6 +29,7 @@ from nucleiseg.quality import load_quality, quality_signals
 log = logging.getLogger(__name__)
 
 ESTIMATE_CROP = 768  # side of the central crop used to estimate the diameter
+CHECK_CROP = 256  # side of its central part where a first reading of large nuclei is checked at full size
 # the first pass sees the crop at half size, a quarter of the cost of a pass at scale 1: the size output
 # reads nuclei of 10-140 px there (0.3-4x the training size); smaller ones vanish, and what it then reads
 # may be texture (~30 px on brightfield images of 4 px nuclei), so it is trusted only to shrink the image
@@ -210,12 +211,15 @@ class Segmenter:
         The network's size output says, for every nucleus pixel, how large its nucleus is; it was
         trained on nuclei from 0.3x to 4x the training size, so one pass over a central crop reads the size
         directly, with no iteration that could settle on clusters or texture. That pass sees the crop at half
-        size (``FIRST_SCALE``): cheap, and enough to read large nuclei. It is kept where the nuclei it saw were
+        size (``FIRST_SCALE``): cheap, and enough to read large nuclei. Where it reads nuclei larger than the
+        training size, a look at the centre at full size checks that they are not texture over nuclei too small
+        to see at half size (``CHECK_CROP``). It is kept where the nuclei it saw were
         1-1.3x the training size; where they looked larger, the next pass runs at the scale the image is
         segmented at (``segmentation_scale``); where they looked smaller (or were too small to see), at that
         scale but at least the image's own. A pass is kept where its own reading agrees within 1.3x (the
         network was trained at 0.6-1.6x), else one more runs. Where nothing is found, the scale doubles up to
-        2x, to look for small nuclei.
+        2x, to look for small nuclei; so it does where nuclei read as large vanish when shrunk to the training
+        size (texture, or clusters of nuclei too small for the half-size pass).
 
         Returns the diameter (None if no nucleus was found; the scale is then 1), the scale of the last
         pass that found nuclei and, when the crop was the whole image, the outputs of that pass.
@@ -228,6 +232,12 @@ class Segmenter:
         for made in range(1, MAX_ESTIMATE_PASSES + 1):
             outputs = self.probabilities(crop, scale)
             found = self.read_diameter(outputs, scale)
+            if found is None and diameter is not None and scale < settled[0] < finest:
+                # nuclei read as large vanished when shrunk to the training size: what was read was texture, or
+                # clusters of nuclei too small to see at that pass' scale; look again, finer, as if nothing had
+                # been found
+                scale, diameter, settled = max(1.0, min(2 * settled[0], finest)), None, None
+                continue
             if found is None:
                 if diameter is None and scale < finest:  # nothing found yet: look again, finer
                     if settled is None or scale == 1.0:
@@ -236,6 +246,14 @@ class Segmenter:
                     continue
                 break
             diameter, settled = found, (scale, outputs)
+            if made == 1 and self.scale_for(diameter) < scale:
+                # nuclei read as larger than the training size at half size may be texture over nuclei too small
+                # to see there: a look at the centre at full size (a ninth of a full-size pass) tells
+                cy, cx = (max(0, (side - CHECK_CROP) // 2) for side in crop.shape)
+                centre = crop[cy : cy + CHECK_CROP, cx : cx + CHECK_CROP]
+                closer = self.read_diameter(self.probabilities(centre, 1.0), 1.0)
+                if closer is not None and 3 * closer < diameter:
+                    diameter, settled = closer, (1.0, None)
             implied, wanted = self.scale_for(diameter), self.segmentation_scale(diameter)
             # the first pass only where it saw the nuclei at least at the training size: smaller, they are
             # outlined less well; a pass is never repeated at its own scale
@@ -243,7 +261,7 @@ class Segmenter:
                 break
             # nuclei that looked smaller than the training size at half size are looked at again at full size
             scale = max(wanted, 1.0) if made == 1 and implied > scale else wanted
-        scale, outputs = settled
+        scale, outputs = settled or (1.0, None)  # None: the last pass found a reading untrue
         return diameter, scale, outputs if crop.shape == x.shape else None
 
     def read_diameter(self, outputs: np.ndarray, scale: float) -> float | None:
