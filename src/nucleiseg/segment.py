@@ -248,12 +248,13 @@ class Segmenter:
             diameter, settled = found, (scale, outputs)
             if made == 1 and self.scale_for(diameter) < scale:
                 # nuclei read as larger than the training size at half size may be texture over nuclei too small
-                # to see there: a look at the centre at full size (a ninth of a full-size pass) tells
+                # to see there: a look at the centre at full size (a ninth of a full-size pass) checks the reading
                 cy, cx = (max(0, (side - CHECK_CROP) // 2) for side in crop.shape)
                 centre = crop[cy : cy + CHECK_CROP, cx : cx + CHECK_CROP]
                 closer = self.read_diameter(self.probabilities(centre, 1.0), 1.0)
-                if closer is not None and 3 * closer < diameter:
-                    diameter, settled = closer, (1.0, None)
+                if closer is not None and 3 * closer < diameter:  # it disagrees: look at the whole crop at full size
+                    scale, diameter, settled = 1.0, None, None
+                    continue
             implied, wanted = self.scale_for(diameter), self.segmentation_scale(diameter)
             # the first pass only where it saw the nuclei at least at the training size: smaller, they are
             # outlined less well; a pass is never repeated at its own scale
@@ -261,7 +262,7 @@ class Segmenter:
                 break
             # nuclei that looked smaller than the training size at half size are looked at again at full size
             scale = max(wanted, 1.0) if made == 1 and implied > scale else wanted
-        scale, outputs = settled or (1.0, None)  # None: the last pass found a reading untrue
+        scale, outputs = settled or (1.0, None)  # None: the last pass set a reading aside
         return diameter, scale, outputs if crop.shape == x.shape else None
 
     def read_diameter(self, outputs: np.ndarray, scale: float) -> float | None:
