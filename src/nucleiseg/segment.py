@@ -29,7 +29,7 @@ from nucleiseg.quality import load_quality, quality_signals
 log = logging.getLogger(__name__)
 
 ESTIMATE_CROP = 768  # side of the central crop used to estimate the diameter
-CHECK_CROP = 256  # side of its central part where a first reading of large nuclei is checked at full size
+CHECK_CROP = 128  # side of its central part where a first reading of large nuclei is checked at full size
 # the first pass sees the crop at half size, a quarter of the cost of a pass at scale 1: the size output
 # reads nuclei of 10-140 px there (0.3-4x the training size); smaller ones vanish, and what it then reads
 # may be texture (~30 px on brightfield images of 4 px nuclei), so it is trusted only to shrink the image
@@ -248,7 +248,7 @@ class Segmenter:
             diameter, settled = found, (scale, outputs)
             if made == 1 and self.scale_for(diameter) < scale:
                 # nuclei read as larger than the training size at half size may be texture over nuclei too small
-                # to see there: a look at the centre at full size (a ninth of a full-size pass) checks the reading
+                # to see there: a look at the centre at full size (1/36 of a full-size pass) checks the reading
                 cy, cx = (max(0, (side - CHECK_CROP) // 2) for side in crop.shape)
                 centre = crop[cy : cy + CHECK_CROP, cx : cx + CHECK_CROP]
                 closer = self.read_diameter(self.probabilities(centre, 1.0), 1.0)
