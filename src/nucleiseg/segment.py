@@ -211,12 +211,13 @@ class Segmenter:
         The network's size output says, for every nucleus pixel, how large its nucleus is; it was
         trained on nuclei from 0.3x to 4x the training size, so one pass over a central crop reads the size
         directly, with no iteration that could settle on clusters or texture. That pass sees the crop at half
-        size (``FIRST_SCALE``): cheap, and enough to read large nuclei. Where it reads nuclei larger than the
-        training size, a look at the centre at full size checks that they are not texture over nuclei too small
-        to see at half size (``CHECK_CROP``). It is kept where the nuclei it saw were
+        size (``FIRST_SCALE``): cheap, and enough to read large nuclei. It is kept where the nuclei it saw were
         1-1.3x the training size; where they looked larger, the next pass runs at the scale the image is
         segmented at (``segmentation_scale``); where they looked smaller (or were too small to see), at that
-        scale but at least the image's own. A pass is kept where its own reading agrees within 1.3x (the
+        scale but at least the image's own. Where it reads nuclei larger than the training size, a look at the
+        centre at full size (``CHECK_CROP``) checks that they are not texture over nuclei too small to see at
+        half size; where that look finds nuclei a third the size or less, the whole crop is looked at at full
+        size instead. A pass is kept where its own reading agrees within 1.3x (the
         network was trained at 0.6-1.6x), else one more runs. Where nothing is found, the scale doubles up to
         2x, to look for small nuclei; so it does where nuclei read as large vanish when shrunk to the training
         size (texture, or clusters of nuclei too small for the half-size pass).
