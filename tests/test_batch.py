@@ -626,8 +626,7 @@ def test_freed_memory_goes_back_to_the_os_only_when_there_is_much_of_it():
     64 KiB stay in the heap (glibc maps blocks from 128 KiB up, by default)."""
     from nucleiseg import batch
 
-    def resident() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    resident = batch._resident_bytes
 
     def free_in_heap(total: int) -> tuple[int, list]:
         blocks = [np.ones(64 << 10, np.uint8) for _ in range(2 * total // (64 << 10))]

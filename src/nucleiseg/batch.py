@@ -70,15 +70,6 @@ class BatchResult:
     unwritten: list[str] = field(default_factory=list)  # summary files that could not be written, with why
 
 
-@functools.cache
-def _glibc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-    except OSError:  # not glibc: nothing to trim
-        return None
-
-
 # glibc keeps the heap memory an image freed for the next images; it is handed back to the OS once this much
 # is free and the process has grown by as much since it last handed memory back. Handing it back after every
 # image made the next image fault its pages in anew (a batch of 300 images: 28 s instead of 23 s, peak 314 MB
@@ -90,6 +81,17 @@ _resident_after_trim = 0  # bytes
 class _MallocInfo(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h)
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
+            libc.mallinfo2.restype = _MallocInfo
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc: nothing to trim
+        return None
 
 
 def _resident_bytes() -> int | None:
@@ -108,11 +110,10 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is None:
         return
-    resident = _resident_bytes()
-    if hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
-        libc.mallinfo2.restype = _MallocInfo
+    if hasattr(libc, "mallinfo2"):
         if libc.mallinfo2().fordblks < KEEP_FREED_UP_TO:  # free bytes, all threads' heaps together
             return
+        resident = _resident_bytes()
         if resident is not None and resident - _resident_after_trim < KEEP_FREED_UP_TO:
             return
     libc.malloc_trim(0)

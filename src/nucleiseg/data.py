@@ -70,12 +70,15 @@ def input_kind(image: np.ndarray) -> str:
     median against the image's own range) fail there: dense tissue is mostly nuclei.
     """
     if is_colour(image):
-        gray = to_gray(image)
-        full = 255.0 if image.dtype == np.uint8 else max(float(gray.max()), 1e-6)
-        if np.median(gray) > 0.25 * full:
-            return STAIN
-        return DARK_BACKGROUND
+        return _colour_kind(image)
     return BRIGHT_BACKGROUND if has_bright_background(to_gray(image)) else DARK_BACKGROUND
+
+
+def _colour_kind(image: np.ndarray) -> str:
+    """``input_kind`` of an image that ``is_colour``: STAIN or DARK_BACKGROUND."""
+    gray = to_gray(image)
+    full = 255.0 if image.dtype == np.uint8 else max(float(gray.max()), 1e-6)
+    return STAIN if np.median(gray) > 0.25 * full else DARK_BACKGROUND
 
 
 # the haematoxylin channel of ``skimage.color.rgb2hed`` for each 8-bit value of each of R, G and B:
@@ -108,7 +111,7 @@ def prepare_input(image: np.ndarray, kind: str | None = None) -> np.ndarray:
 def network_input(image: np.ndarray) -> tuple[np.ndarray, str]:
     """``prepare_input(image)`` and ``input_kind(image)``; a gray image and its percentiles are computed once
     for both."""
-    kind = input_kind(image) if is_colour(image) else None
+    kind = _colour_kind(image) if is_colour(image) else None
     if kind == STAIN:
         return prepare_input(image, kind), kind
     gray = to_gray(image)

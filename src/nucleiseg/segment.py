@@ -247,7 +247,8 @@ class Segmenter:
                     continue
                 break
             diameter, settled = found, (scale, outputs)
-            if made == 1 and self.scale_for(diameter) < scale:
+            implied = self.scale_for(diameter)
+            if made == 1 and implied < scale:
                 # nuclei read as larger than the training size at half size may be texture over nuclei too small
                 # to see there: a look at the centre at full size (1/36 of a full-size pass) checks the reading
                 cy, cx = (max(0, (side - CHECK_CROP) // 2) for side in crop.shape)
@@ -256,7 +257,7 @@ class Segmenter:
                 if closer is not None and 3 * closer < diameter:  # it disagrees: look at the whole crop at full size
                     scale, diameter, settled = 1.0, None, None
                     continue
-            implied, wanted = self.scale_for(diameter), self.segmentation_scale(diameter)
+            wanted = self.segmentation_scale(diameter)
             # the first pass only where it saw the nuclei at least at the training size: smaller, they are
             # outlined less well; a pass is never repeated at its own scale
             if abs(math.log(implied / scale)) < KEEP_WITHIN and (made > 1 or implied <= scale) or wanted == scale:
