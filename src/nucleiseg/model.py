@@ -132,7 +132,8 @@ def save_model(folder: str | os.PathLike, bundle: ModelBundle, recipe=None) -> N
     import torch
 
     with atomic_path(folder / WEIGHTS) as tmp:
-        torch.save(bundle.network.state_dict(), tmp)
+        # CPU tensors: a model trained on a GPU loads anywhere, whatever loads it
+        torch.save({name: value.cpu() for name, value in bundle.network.state_dict().items()}, tmp)
     save_json(ModelInfo(bundle.architecture, bundle.config, bundle.target_diameter), folder / "model.json")
     save_json(bundle.thresholds, folder / "thresholds.json")
     if bundle.inference.stained_thresholds is not None:

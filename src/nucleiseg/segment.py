@@ -216,11 +216,10 @@ class Segmenter:
         segmented at (``segmentation_scale``); where they looked smaller (or were too small to see), at that
         scale but at least the image's own. Where it reads nuclei larger than the training size, a look at the
         centre at full size (``CHECK_CROP``) checks that they are not texture over nuclei too small to see at
-        half size; where that look finds nuclei less than a third the size, the whole crop is looked at at full
-        size instead. A pass is kept where its own reading agrees within 1.3x (the
-        network was trained at 0.6-1.6x), else one more runs. Where nothing is found, the scale doubles up to
-        2x, to look for small nuclei; so it does where nuclei read as large vanish when shrunk to the training
-        size (texture, or clusters of nuclei too small for the half-size pass).
+        half size; where that look finds nuclei less than a third the size (or none, where the centre is the
+        whole crop), the whole crop is looked at at full size instead. A pass is kept where its own reading agrees
+        within 1.3x (the network was trained at 0.6-1.6x), else one more runs. Where nothing is found, the scale
+        doubles up to 2x, to look for small nuclei.
 
         Returns the diameter (None if no nucleus was found; the scale is then 1), the scale of the last
         pass that found nuclei and, when the crop was the whole image, the outputs of that pass.
@@ -233,12 +232,6 @@ class Segmenter:
         for made in range(1, MAX_ESTIMATE_PASSES + 1):
             outputs = self.probabilities(crop, scale)
             found = self.read_diameter(outputs, scale)
-            if found is None and diameter is not None and scale < settled[0] < finest and made < MAX_ESTIMATE_PASSES:
-                # nuclei read as large vanished when shrunk to the training size: what was read was texture, or
-                # clusters of nuclei too small to see at that pass' scale; look again, finer, as if nothing had
-                # been found (with a pass left to do so)
-                scale, diameter, settled = max(1.0, min(2 * settled[0], finest)), None, None
-                continue
             if found is None:
                 if diameter is None and scale < finest:  # nothing found yet: look again, finer
                     if settled is None or scale == 1.0:
@@ -254,7 +247,9 @@ class Segmenter:
                 cy, cx = (max(0, (side - CHECK_CROP) // 2) for side in crop.shape)
                 centre = crop[cy : cy + CHECK_CROP, cx : cx + CHECK_CROP]
                 closer = self.read_diameter(self.probabilities(centre, 1.0), 1.0)
-                if closer is not None and 3 * closer < diameter:  # it disagrees: look at the whole crop at full size
+                # it disagrees (nuclei a third the size, or none at all in a crop small enough to be all seen
+                # there): look at the whole crop at full size
+                if closer is None and centre.shape == crop.shape or closer is not None and 3 * closer < diameter:
                     scale, diameter, settled = 1.0, None, None
                     continue
             wanted = self.segmentation_scale(diameter)
@@ -264,7 +259,7 @@ class Segmenter:
                 break
             # nuclei that looked smaller than the training size at half size are looked at again at full size
             scale = max(wanted, 1.0) if made == 1 and implied > scale else wanted
-        scale, outputs = settled or (1.0, None)  # None: a reading was set aside and nothing was found after it
+        scale, outputs = settled or (1.0, None)  # None: the first pass found nothing and could look no finer
         return diameter, scale, outputs if crop.shape == x.shape else None
 
     def read_diameter(self, outputs: np.ndarray, scale: float) -> float | None:
