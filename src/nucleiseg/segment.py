@@ -259,7 +259,7 @@ class Segmenter:
                 break
             # nuclei that looked smaller than the training size at half size are looked at again at full size
             scale = max(wanted, 1.0) if made == 1 and implied > scale else wanted
-        scale, outputs = settled or (1.0, None)  # None: the first pass found nothing and could look no finer
+        scale, outputs = settled or (1.0, None)  # None: nothing was found and no finer look was allowed
         return diameter, scale, outputs if crop.shape == x.shape else None
 
     def read_diameter(self, outputs: np.ndarray, scale: float) -> float | None:
