@@ -153,6 +153,25 @@ def test_nuclei_read_at_half_size_that_vanish_at_full_size_send_the_estimate_fin
     assert abs(np.log(result.diameter / median_diameter(labels))) < np.log(2)
 
 
+def test_nuclei_too_small_for_half_size_read_as_large_at_full_size_send_the_estimate_finer(train_root, monkeypatch):
+    """The image of the half-size test shrunk to a quarter (nuclei ~3 px), default model: both the half-size
+    pass and the look at the centre at full size read the texture as nuclei of 50-70 px, but at full size the
+    foreground is ten times what it was at half size (real nuclei cover about as much at both); the estimate
+    looks at twice the size and reads the nuclei (without the rule: ~76 px, 24x too large)."""
+    from nucleiseg.io import load_sample
+
+    sample = load_sample(train_root / "20b20ab049372d184c705acebe7af026d3580f5fd5a72ed796e3622e1685af2f",
+                         overlap="warn")
+    image, labels = rescale(sample.image, 0.25, order=1), rescale(sample.labels.astype(np.int32), 0.25, order=0)
+    segmenter, scales = Segmenter("default"), []
+    probabilities = segmenter.probabilities
+    monkeypatch.setattr(segmenter, "probabilities", lambda x, scale, region=None: scales.append(scale)
+                        or probabilities(x, scale, region))
+    result = segmenter.segment(image)
+    assert scales[:3] == [0.5, 1.0, 2.0]  # half size, the centre at full size, finer
+    assert abs(np.log(result.diameter / median_diameter(labels))) < np.log(1.5)
+
+
 def test_the_estimate_looks_at_half_size_first_and_segments_at_the_scale_it_reads(samples, segmenter,
                                                                                   monkeypatch):
     """The first pass sees the crop at half size; an image is segmented with its nuclei at 1.2x the training

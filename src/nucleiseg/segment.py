@@ -217,9 +217,10 @@ class Segmenter:
         scale but at least the image's own. Where it reads nuclei larger than the training size, a look at the
         centre at full size (``CHECK_CROP``) checks that they are not texture over nuclei too small to see at
         half size; where that look finds nuclei less than a third the size (or none, where the centre is the
-        whole crop), the whole crop is looked at at full size instead. A pass is kept where its own reading agrees
-        within 1.3x (the network was trained at 0.6-1.6x), else one more runs. Where nothing is found, the scale
-        doubles up to 2x, to look for small nuclei.
+        whole crop), the whole crop is looked at at full size instead, and where it finds more than three times
+        the foreground (nuclei too small for half size, read as large at full size too), at twice the size. A
+        pass is kept where its own reading agrees within 1.3x (the network was trained at 0.6-1.6x), else one
+        more runs. Where nothing is found, the scale doubles up to 2x, to look for small nuclei.
 
         Returns the diameter (None if no nucleus was found; the scale is then 1), the scale of the last
         pass that found nuclei and, when the crop was the whole image, the outputs of that pass.
@@ -246,11 +247,21 @@ class Segmenter:
                 # to see there: a look at the centre at full size (1/36 of a full-size pass) checks the reading
                 cy, cx = (max(0, (side - CHECK_CROP) // 2) for side in crop.shape)
                 centre = crop[cy : cy + CHECK_CROP, cx : cx + CHECK_CROP]
-                closer = self.read_diameter(self.probabilities(centre, 1.0), 1.0)
+                closer_outputs = self.probabilities(centre, 1.0)
+                closer = self.read_diameter(closer_outputs, 1.0)
                 # it disagrees (nuclei a third the size, or none at all in a crop small enough to be all seen
                 # there): look at the whole crop at full size
                 if closer is None and centre.shape == crop.shape or closer is not None and 3 * closer < diameter:
                     scale, diameter, settled = 1.0, None, None
+                    continue
+                # real nuclei cover about as much of the centre at both scales (0.6-1x on the validation and
+                # external images); three times as much at full size is nuclei too small to see at half size,
+                # read as large at full size too: look finer
+                foreground = self.thresholds.foreground_threshold
+                half_size_area = (outputs[0, cy : cy + CHECK_CROP, cx : cx + CHECK_CROP] > foreground).sum()
+                full_size_area = (closer_outputs[0] > foreground).sum()
+                if closer is not None and full_size_area > 3 * half_size_area and finest > 1.0:
+                    scale, diameter, settled = finest, None, None
                     continue
             wanted = self.segmentation_scale(diameter)
             # the first pass only where it saw the nuclei at least at the training size: smaller, they are
