@@ -4,9 +4,9 @@ Recipe (``finetune_config``), chosen for 5-50 images and 2 CPU cores: the shippe
 network and nucleus scale; the first two encoder levels (``down.0``, ``down.1``: generic edge and blob
 filters) and every BatchNorm statistic kept fixed, so the network adapts its deeper features to the new
 images without drifting away from the image types it already segments; AdamW at lr 1e-4 (a thirtieth of
-the shipped model's: at 5e-4 the H&E fine-tune of benchmarks/finetune_he.py gained as much on H&E but lost
-0.050 DSB on fluorescence, at 1e-4 nothing), one warm-up epoch then cosine decay, 8 epochs of 25 batches of
-4 patches of 192 px (200 steps, about 2 minutes on 2 quiet cores), stopped after ``max_minutes`` = 15 in
+the first training run's peak: at 5e-4 the H&E fine-tune of benchmarks/finetune_he.py gained as much on
+H&E but lost 0.050 DSB on fluorescence, at 1e-4 nothing), one warm-up epoch then cosine decay, 8 epochs of 25 batches of
+4 patches of 192 px (200 steps, 1.5-2 minutes on 2 quiet cores), stopped after ``max_minutes`` = 15 in
 any case.
 
 Validation: a share (20%, at least one image per image type) of the user's images is held out, scored

@@ -216,11 +216,12 @@ class Segmenter:
         segmented at (``segmentation_scale``); where they looked smaller (or were too small to see), at that
         scale but at least the image's own. Where it reads nuclei larger than the training size, a look at the
         centre at full size (``CHECK_CROP``) checks that they are not texture over nuclei too small to see at
-        half size; where that look finds nuclei less than a third the size (or none, where the centre is the
-        whole crop), the whole crop is looked at at full size instead, and where it finds more than three times
-        the foreground (nuclei too small for half size, read as large at full size too), at twice the size. A
-        pass is kept where its own reading agrees within 1.3x (the network was trained at 0.6-1.6x), else one
-        more runs. Where nothing is found, the scale doubles up to 2x, to look for small nuclei.
+        half size: where that look finds nuclei less than a third the size, the whole crop is looked at at full
+        size instead; where it finds none although it saw the whole crop, or more than three times the
+        foreground the half-size pass found there (nuclei too small for half size, read as large at full size
+        too), the crop is looked at at twice its size (up to ``max_scale``). A pass is kept where its own reading
+        agrees within 1.3x (the network was trained at 0.6-1.6x), else one more runs. Where nothing is found,
+        the scale doubles up to 2x, to look for small nuclei.
 
         Returns the diameter (None if no nucleus was found; the scale is then 1), the scale of the last
         pass that found nuclei and, when the crop was the whole image, the outputs of that pass.
@@ -249,18 +250,21 @@ class Segmenter:
                 centre = crop[cy : cy + CHECK_CROP, cx : cx + CHECK_CROP]
                 closer_outputs = self.probabilities(centre, 1.0)
                 closer = self.read_diameter(closer_outputs, 1.0)
-                # it disagrees (nuclei a third the size, or none at all in a crop small enough to be all seen
-                # there): look at the whole crop at full size
-                if closer is None and centre.shape == crop.shape or closer is not None and 3 * closer < diameter:
+                if closer is None and centre.shape == crop.shape and finest > 1.0:
+                    # the look was the whole crop at full size and found nothing: look finer
+                    scale, diameter, settled = finest, None, (1.0, closer_outputs)
+                    continue
+                if closer is not None and 3 * closer < diameter:  # it disagrees: the whole crop at full size
                     scale, diameter, settled = 1.0, None, None
                     continue
                 # real nuclei cover about as much of the centre at both scales (0.6-1x on the validation and
-                # external images); three times as much at full size is nuclei too small to see at half size,
-                # read as large at full size too: look finer
+                # external images); three times as much at full size (and more than the least a reading needs
+                # at half size) is nuclei too small to see at half size, read as large at full size too
                 foreground = self.thresholds.foreground_threshold
                 half_size_area = (outputs[0, cy : cy + CHECK_CROP, cx : cx + CHECK_CROP] > foreground).sum()
+                least = np.pi * (self.target_diameter / scale / 2) ** 2 / 4
                 full_size_area = (closer_outputs[0] > foreground).sum()
-                if closer is not None and full_size_area > 3 * half_size_area and finest > 1.0:
+                if closer is not None and full_size_area > 3 * max(half_size_area, least) and finest > 1.0:
                     scale, diameter, settled = finest, None, None
                     continue
             wanted = self.segmentation_scale(diameter)
@@ -270,7 +274,7 @@ class Segmenter:
                 break
             # nuclei that looked smaller than the training size at half size are looked at again at full size
             scale = max(wanted, 1.0) if made == 1 and implied > scale else wanted
-        scale, outputs = settled or (1.0, None)  # None: nothing was found and no finer look was allowed
+        scale, outputs = settled or (1.0, None)  # None: nothing was found where the estimate looked last
         return diameter, scale, outputs if crop.shape == x.shape else None
 
     def read_diameter(self, outputs: np.ndarray, scale: float) -> float | None:
