@@ -119,15 +119,31 @@ def test_large_faint_nuclei_are_found_whole(segmenter):
     assert len(areas) == 3 and areas.max() > 10000  # the largest, ~130 px wide, in one piece
 
 
+def shrunk_sample(train_root, image_id: str, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """A stage1_train image and its labels resized by ``factor``."""
+    from nucleiseg.io import load_sample
+
+    sample = load_sample(train_root / image_id, overlap="warn")
+    return rescale(sample.image, factor, order=1), rescale(sample.labels.astype(np.int32), factor, order=0)
+
+
+def segment_recording_scales(image: np.ndarray, monkeypatch) -> tuple:
+    """The default model's segmentation of ``image`` and the scale of each network pass it made, in order."""
+    segmenter, scales = Segmenter("default"), []
+    probabilities = segmenter.probabilities
+    monkeypatch.setattr(segmenter, "probabilities", lambda x, scale, region=None: scales.append(scale)
+                        or probabilities(x, scale, region))
+    return segmenter.segment(image), scales
+
+
+SMALL_NUCLEI = "20b20ab049372d184c705acebe7af026d3580f5fd5a72ed796e3622e1685af2f"
+
+
 def test_small_nuclei_that_vanish_at_half_size_are_not_read_as_texture(train_root, segmenter):
     """A real fluorescence image shrunk to half (nuclei ~6 px): at the first pass (half size again) the nuclei
     vanish and the size output reads the texture as nuclei of 75-145 px; a look at the centre at full size
     finds the small nuclei instead."""
-    from nucleiseg.io import load_sample
-
-    sample = load_sample(train_root / "20b20ab049372d184c705acebe7af026d3580f5fd5a72ed796e3622e1685af2f",
-                         overlap="warn")
-    image, labels = rescale(sample.image, 0.5, order=1), rescale(sample.labels.astype(np.int32), 0.5, order=0)
+    image, labels = shrunk_sample(train_root, SMALL_NUCLEI, 0.5)
     result = segmenter.segment(image)
     assert abs(np.log(result.diameter / median_diameter(labels))) < np.log(1.5)
     assert result.diameter_estimated and result.scale > 2
@@ -138,16 +154,9 @@ def test_nuclei_read_at_half_size_that_vanish_at_full_size_send_the_estimate_fin
     the texture as nuclei of ~34 px; the look at the centre at full size, where such nuclei would be plain,
     finds none, so the reading is set aside and the estimate looks finer until it reads the small nuclei
     (without the rule it kept ~34 px, 13x too large)."""
-    from nucleiseg.io import load_sample
-
-    sample = load_sample(train_root / "648636ee314d7bdba3ab2fc0fe49a863de35c3e2caf619039f678df67b526868",
-                         overlap="warn")
-    image, labels = rescale(sample.image, 0.25, order=1), rescale(sample.labels.astype(np.int32), 0.25, order=0)
-    segmenter, scales = Segmenter("default"), []
-    probabilities = segmenter.probabilities
-    monkeypatch.setattr(segmenter, "probabilities", lambda x, scale, region=None: scales.append(scale)
-                        or probabilities(x, scale, region))
-    result = segmenter.segment(image)
+    image, labels = shrunk_sample(train_root, "648636ee314d7bdba3ab2fc0fe49a863de35c3e2caf619039f678df67b526868",
+                                  0.25)
+    result, scales = segment_recording_scales(image, monkeypatch)
     assert scales[:3] == [0.5, 1.0, 2.0]  # half size, the centre (the whole image here) at full size, finer
     assert abs(np.log(result.diameter / median_diameter(labels))) < np.log(2)
 
@@ -157,16 +166,8 @@ def test_nuclei_too_small_for_half_size_read_as_large_at_full_size_send_the_esti
     pass and the look at the centre at full size read the texture as nuclei of 50-70 px, but at full size the
     foreground is ten times what it was at half size (real nuclei cover about as much at both); the estimate
     looks at twice the size and reads the nuclei (without the rule: ~76 px, 24x too large)."""
-    from nucleiseg.io import load_sample
-
-    sample = load_sample(train_root / "20b20ab049372d184c705acebe7af026d3580f5fd5a72ed796e3622e1685af2f",
-                         overlap="warn")
-    image, labels = rescale(sample.image, 0.25, order=1), rescale(sample.labels.astype(np.int32), 0.25, order=0)
-    segmenter, scales = Segmenter("default"), []
-    probabilities = segmenter.probabilities
-    monkeypatch.setattr(segmenter, "probabilities", lambda x, scale, region=None: scales.append(scale)
-                        or probabilities(x, scale, region))
-    result = segmenter.segment(image)
+    image, labels = shrunk_sample(train_root, SMALL_NUCLEI, 0.25)
+    result, scales = segment_recording_scales(image, monkeypatch)
     assert scales[:3] == [0.5, 1.0, 2.0]  # half size, the centre at full size, finer
     assert abs(np.log(result.diameter / median_diameter(labels))) < np.log(1.5)
 

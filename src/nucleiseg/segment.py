@@ -262,8 +262,8 @@ class Segmenter:
                 # at half size) is nuclei too small to see at half size, read as large at full size too
                 foreground = self.thresholds.foreground_threshold
                 half_size_area = (outputs[0, cy : cy + CHECK_CROP, cx : cx + CHECK_CROP] > foreground).sum()
-                least = np.pi * (self.target_diameter / scale / 2) ** 2 / 4
                 full_size_area = (closer_outputs[0] > foreground).sum()
+                least = self.least_foreground(scale)
                 if closer is not None and full_size_area > 3 * max(half_size_area, least) and finest > 1.0:
                     scale, diameter, settled = finest, None, None
                     continue
@@ -277,14 +277,19 @@ class Segmenter:
         scale, outputs = settled or (1.0, None)  # None: nothing was found where the estimate looked last
         return diameter, scale, outputs if crop.shape == x.shape else None
 
+    def least_foreground(self, scale: float) -> float:
+        """The foreground (image pixels) a pass at ``scale`` must find to read a diameter: a quarter of a
+        nucleus of the training size as the network saw it."""
+        return np.pi * (self.target_diameter / scale / 2) ** 2 / 4
+
     def read_diameter(self, outputs: np.ndarray, scale: float) -> float | None:
         """Median nucleus diameter (image pixels) from the size output over the predicted foreground of a
-        pass at ``scale``; None when less than one nucleus' worth of foreground was found.
+        pass at ``scale``; None where it found less foreground than ``least_foreground``.
 
         Each pixel is weighted by 1 / (its nucleus' area), so that every nucleus counts once, as in the
         median over nuclei that the training targets use."""
         foreground = outputs[0] > self.thresholds.foreground_threshold
-        if foreground.sum() < np.pi * (self.target_diameter / scale / 2) ** 2 / 4:
+        if foreground.sum() < self.least_foreground(scale):
             return None
         # the size output grows with the diameter: sorting its float32 values orders the diameters
         diameters = decode_size(np.sort(outputs[2][foreground]), self.target_diameter) / scale
