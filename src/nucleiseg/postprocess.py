@@ -101,23 +101,30 @@ def clean(labels: np.ndarray, min_area: float) -> np.ndarray:
 def _fill_enclosed(labels: np.ndarray) -> np.ndarray:
     """Give each background region that touches no image edge and borders one object only to that object
     (``ndi.binary_fill_holes`` on each object; a region bordered by several objects stays background)."""
-    background, n_regions = ndi.label(labels == 0)
+    inside = labels > 0
+    background, n_regions = ndi.label(~inside)
     enclosed = np.ones(n_regions + 1, bool)
     enclosed[0] = False
     enclosed[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = False
     if not enclosed.any():  # every background region reaches the image's edge: no hole anywhere
         return labels
-    # (background region, object) for every pair of side-by-side pixels, both ways
-    region = np.concatenate([background[:, :-1].ravel(), background[:, 1:].ravel(),
-                             background[:-1].ravel(), background[1:].ravel()])
-    neighbour = np.concatenate([labels[:, 1:].ravel(), labels[:, :-1].ravel(),
-                                labels[1:].ravel(), labels[:-1].ravel()])
-    touching = (region > 0) & (neighbour > 0)
-    region, neighbour = region[touching], neighbour[touching]
+    # (region, object) for every pair of side-by-side pixels, a pixel of an enclosed region beside one of an
+    # object, both ways: the holes' rims only, not every object's outline
+    hole = enclosed[background]
+    region, neighbour = [], []
+    for here, there in ((np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:, 1:], np.s_[:, :-1]),
+                        (np.s_[:-1], np.s_[1:]), (np.s_[1:], np.s_[:-1])):
+        pair = hole[here] & inside[there]
+        region.append(background[here][pair])
+        neighbour.append(labels[there][pair])
+    region, neighbour = np.concatenate(region), np.concatenate(neighbour)
     # of the labels' own type: ufunc.at is many times slower where it has to convert
     lowest = np.full(n_regions + 1, np.iinfo(labels.dtype).max, labels.dtype)
     highest = np.zeros(n_regions + 1, labels.dtype)
     np.minimum.at(lowest, region, neighbour)
     np.maximum.at(highest, region, neighbour)
     enclosed &= lowest == highest
-    return np.where(enclosed[background], highest[background], labels).astype(labels.dtype)
+    filled = labels.copy()
+    regions = background[hole]
+    filled[hole] = np.where(enclosed[regions], highest[regions], 0)
+    return filled
