@@ -1,7 +1,7 @@
 """Scores of a model on the validation split and on the external test sets, per image type, with the
 diameter estimate's error on every image.
 
-    python benchmarks/external.py [--models default runs/x/model] [--json out.json]
+    python benchmarks/external.py [--models default runs/x/model] [--set tta=true] [--json out.json]
 
 Sets: the validation split the shipped model's recipe (configs/default.json) holds out (10% of
 stage1_train plus tnbc slide 08), and the two external test sets of ../shared/data (tnbc slides 09-11,
@@ -68,14 +68,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["default"], help="model names or folders")
     parser.add_argument("--limit", type=int, default=0, help="first N images of each set (0 = all)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="inference settings for every model, e.g. tta=true (JSON values)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
+    settings = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
     sets = test_sets(args.limit)
     results = {}
     print("| model | set | images | DSB score | AP@0.5 | F1@0.5 | diameter est./true: median | worst | >1.5x off |")
     print("|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
-        segmenter = Segmenter(model)
+        segmenter = Segmenter(model, **settings)
         for name, samples in sets.items():
             started = time.perf_counter()
             groups = score_set(segmenter, samples)
