@@ -2,7 +2,7 @@
 never saw (tnbc slides 09-11, the external test set) and on fluorescence (bbbc039), to show what it gains
 and whether it forgets.
 
-    nice -n 15 python benchmarks/finetune_he.py [--images 'tnbc_0[1-7]_[12]'] [--bbbc 30] [--out runs/finetune_he]
+    nice -n 15 python benchmarks/finetune_he.py [--images 'tnbc_0[1-7]_[12]'] [--bbbc 30] [--epochs 8] [--out runs/finetune_he]
 
 Training and scoring run on ``--threads`` torch threads (2: the issue's "2 cores"; pin the process to two
 cores as well, e.g. ``taskset -c 0,1``, so that nothing else runs beside them).
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--bbbc", type=int, default=30, help="first N bbbc039 images scored")
     parser.add_argument("--out", default="runs/finetune_he", help="run folder of the fine-tune")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, help="epochs of 25 steps (default: the recipe's)")
     parser.add_argument("--data", default="../shared/data", help="folder holding tnbc/ and bbbc039/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -53,7 +54,8 @@ def main() -> None:
         for d in chosen:
             (Path(tmp) / d.name).symlink_to(d.resolve())
         started = time.perf_counter()
-        model = finetune(pair_labels(tmp), args.out, finetune_config("default", device="cpu"))
+        changes = {"epochs": args.epochs} if args.epochs else {}
+        model = finetune(pair_labels(tmp), args.out, finetune_config("default", device="cpu", **changes))
         results["finetune_minutes"] = (time.perf_counter() - started) / 60
     print(f"fine-tuned on {len(chosen)} images in {results['finetune_minutes']:.1f} min (threads {args.threads})")
     print("| model | set | images | DSB score | AP@0.5 | F1@0.5 |\n|---|---|---|---|---|---|")
