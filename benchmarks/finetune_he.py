@@ -2,7 +2,8 @@
 never saw (tnbc slides 09-11, the external test set) and on fluorescence (bbbc039), to show what it gains
 and whether it forgets.
 
-    nice -n 15 python benchmarks/finetune_he.py [--images 'tnbc_0[1-7]_[12]'] [--bbbc 30] [--epochs 8] [--out runs/finetune_he]
+    nice -n 15 python benchmarks/finetune_he.py [--images 'tnbc_0[1-7]_[12]'] [--bbbc 30] [--epochs 8]
+        [--out runs/finetune_he]
 
 Training and scoring run on ``--threads`` torch threads (2: the issue's "2 cores"; pin the process to two
 cores as well, e.g. ``taskset -c 0,1``, so that nothing else runs beside them).
