@@ -161,6 +161,17 @@ def test_nuclei_read_at_half_size_that_vanish_at_full_size_send_the_estimate_fin
     assert abs(np.log(result.diameter / median_diameter(labels))) < np.log(2)
 
 
+def test_the_estimate_makes_no_pass_twice_where_the_centre_look_was_the_whole_image(train_root, monkeypatch):
+    """A real image shrunk to 64x64, default model: the half-size pass reads large nuclei, the look at the
+    centre at full size (the whole image here) reads nuclei a third that size, so the estimate goes on from
+    the full-size reading: that look is its full-size pass, not made again."""
+    image, _ = shrunk_sample(train_root, "c89ac06daef5c819309f03d6a35792d1a8a66abb8cb3414013ffe71d3dd9fe96", 0.25)
+    assert image.shape[:2] == (64, 64)
+    result, scales = segment_recording_scales(image, monkeypatch)
+    assert scales[:2] == [0.5, 1.0] and result.scale > 1.0  # half size, the centre, then finer
+    assert len(scales) == len(set(scales))  # every pass is over the whole image: no scale twice
+
+
 def test_nuclei_too_small_for_half_size_read_as_large_at_full_size_send_the_estimate_finer(train_root, monkeypatch):
     """The image of the half-size test shrunk to a quarter (nuclei ~3 px), default model: both the half-size
     pass and the look at the centre at full size read the texture as nuclei of 50-70 px, but at full size the
