@@ -231,11 +231,9 @@ class Segmenter:
         crop = x[top : top + ESTIMATE_CROP, left : left + ESTIMATE_CROP]
         scale, diameter, settled = max(FIRST_SCALE, self.config.min_scale), None, None
         finest = min(LOOK_FINER, self.config.max_scale)
-        passes = {}  # the crop's outputs by scale: no pass is made twice
+        whole_look = None  # the centre look's outputs where that look was the whole crop: its full-size pass
         for made in range(1, MAX_ESTIMATE_PASSES + 1):
-            if scale not in passes:
-                passes[scale] = self.probabilities(crop, scale)
-            outputs = passes[scale]
+            outputs = whole_look if scale == 1.0 and whole_look is not None else self.probabilities(crop, scale)
             found = self.read_diameter(outputs, scale)
             if found is None:
                 if diameter is None and scale < finest:  # nothing found yet: look again, finer
@@ -253,10 +251,10 @@ class Segmenter:
                 centre = crop[cy : cy + CHECK_CROP, cx : cx + CHECK_CROP]
                 closer_outputs = self.probabilities(centre, 1.0)
                 closer = self.read_diameter(closer_outputs, 1.0)
-                if centre.shape == crop.shape:  # the look was the whole crop at full size
-                    passes[1.0] = closer_outputs
-                if closer is None and centre.shape == crop.shape and finest > 1.0:
-                    # ... and found nothing: look finer
+                if centre.shape == crop.shape:
+                    whole_look = closer_outputs
+                if closer is None and whole_look is not None and finest > 1.0:
+                    # the look was the whole crop at full size and found nothing: look finer
                     scale, diameter, settled = finest, None, (1.0, closer_outputs)
                     continue
                 if closer is not None and 3 * closer < diameter:  # it disagrees: the whole crop at full size
