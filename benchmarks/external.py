@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nucleiseg.cli import parse_overrides
 from nucleiseg.config import TrainConfig, load_json
 from nucleiseg.data import image_type, load_split, select_samples
 from nucleiseg.metrics import evaluate
@@ -72,7 +73,7 @@ def main() -> None:
                         help="inference settings for every model, e.g. tta=true (JSON values)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
-    settings = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    settings = parse_overrides(args.set)
     sets = test_sets(args.limit)
     results = {}
     print("| model | set | images | DSB score | AP@0.5 | F1@0.5 | diameter est./true: median | worst | >1.5x off |")

@@ -268,7 +268,8 @@ def _benchmark(args) -> int:
     return 1 if result.batch.failed else 0
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
+def parse_overrides(pairs: list[str]) -> dict:
+    """``--set`` KEY=VALUE pairs -> a dict (dotted keys nest; values read as JSON, else kept as strings)."""
     overrides: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -310,7 +311,7 @@ def _train(args) -> int:
         values = json.loads(Path(args.config).read_text()) if args.config else {}
     cfg = None
     if values is not None:
-        cfg = from_dict(TrainConfig, _merge(asdict(from_dict(TrainConfig, values)), _parse_overrides(args.set)))
+        cfg = from_dict(TrainConfig, _merge(asdict(from_dict(TrainConfig, values)), parse_overrides(args.set)))
     model_dir = fit(cfg, args.out, resume=args.resume)
     print(f"best model in {model_dir}")
     return 0
@@ -330,7 +331,7 @@ def _finetune(args) -> int:
         raise ValueError("--from starts a new fine-tune with its own recipe (change it with --set); drop --config "
                          "and --resume")
     cfg = finetune_config(args.init_from)
-    cfg = from_dict(TrainConfig, _merge(asdict(cfg), _parse_overrides(args.set)))
+    cfg = from_dict(TrainConfig, _merge(asdict(cfg), parse_overrides(args.set)))
     folder = finetune(pair_labels(args.images, args.labels), args.out, cfg)
     print(f"fine-tuned model in {folder}; use it with --model {folder}")
     return 0
