@@ -61,7 +61,7 @@ def main() -> None:
     print(f"fine-tuned on {len(chosen)} images in {results['finetune_minutes']:.1f} min (threads {args.threads})")
     print("| model | set | images | DSB score | AP@0.5 | F1@0.5 |\n|---|---|---|---|---|---|")
     for name, folder in (("shipped", "default"), ("fine-tuned", model)):
-        segmenter = Segmenter(folder)
+        segmenter = Segmenter(folder, int8=False)  # float32 both: the fine-tune changes weights, not precision
         for set_name, samples in sets.items():
             r = score_set(segmenter, samples)["all"]
             results[f"{name} | {set_name}"] = r

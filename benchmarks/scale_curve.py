@@ -1,6 +1,7 @@
 """How the score and the diameter estimate hold up when nuclei are smaller or larger than in training.
 
     python benchmarks/scale_curve.py [--model default] [--scales 0.25 0.5 1 2 3 4] [--limit N] [--fixed N]
+                                     [--set int8=false]
 
 The validation images of the model's own recipe (its train_config.json) and their masks are resized by
 each factor (images bilinear, masks nearest) and segmented with nucleiseg's automatic size handling.
@@ -17,6 +18,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from nucleiseg.cli import parse_overrides
 from nucleiseg.config import TrainConfig, load_json
 from nucleiseg.data import image_type, load_split, rescale
 from nucleiseg.metrics import evaluate
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 3, 4])
     parser.add_argument("--limit", type=int, default=0, help="use only the first N validation images")
     parser.add_argument("--fixed", type=int, default=0, help="also score the first N without size handling")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="inference settings to change (InferenceConfig fields or thresholds)")
     args = parser.parse_args()
 
     _, val = load_split(load_json(TrainConfig, model_folder(args.model) / TRAIN_CONFIG), progress=False)
@@ -38,7 +42,7 @@ def main() -> None:
     kinds = {s.id: image_type(s.image) for s in val}
     groups = {"all": [s.id for s in val]}
     groups |= {k: [i for i in kinds if kinds[i] == k] for k in sorted(set(kinds.values()))}
-    segmenter = Segmenter(args.model)
+    segmenter = Segmenter(args.model, **parse_overrides(args.set))
     scores, ratios, fixed = defaultdict(dict), defaultdict(dict), {}
     for factor in args.scales:
         truth, predicted, ratio = {}, {}, {}

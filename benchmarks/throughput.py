@@ -11,7 +11,8 @@ network, post-processing, each default output written); and the whole `nucleiseg
 child process (start-up, reading, default outputs written), as MP/s and as MP/s per 100 GFLOP/s of a
 matmul measured just before and after it (comparable across machines; the median of ``--command-runs``
 runs), alone and beside another CPU-bound process. Segmentation
-is measured with the default engine (auto: onnxruntime on the CPU) and with torch, each with its network
+is measured with the default engine (auto: onnxruntime on the CPU, the 8-bit export), with onnxruntime on the
+float32 export (--no-int8) and with torch, each with its network
 GFLOP/s (useful work: the FLOPs of one pass over the pixels the network had to see, so tile overlaps and
 padding count as lost time) and MP/s per image type. `--model fast` measures the fast model.
 """
@@ -125,9 +126,9 @@ def network_flops_per_pixel(model: str) -> float:
     return counter.get_total_flops() / 256**2
 
 
-def segmentation_throughput(model: str, bf16: bool = False, engine: str = "auto") -> dict:
+def segmentation_throughput(model: str, bf16: bool = False, engine: str = "auto", int8: bool = True) -> dict:
     samples = load_dataset(TEST_ROOT, progress=False)
-    segmenter = TimedSegmenter(model, bf16=bf16, engine=engine)
+    segmenter = TimedSegmenter(model, bf16=bf16, engine=engine, int8=int8)
     megapixels = sum(s.image.shape[0] * s.image.shape[1] for s in samples) / 1e6
     per_type: dict[str, list[float]] = {}  # image type -> [seconds, megapixels]
     nuclei = 0
@@ -138,8 +139,9 @@ def segmentation_throughput(model: str, bf16: bool = False, engine: str = "auto"
         seconds_mp[0] += time.perf_counter() - started
         seconds_mp[1] += s.image.shape[0] * s.image.shape[1] / 1e6
     total = sum(seconds for seconds, _ in per_type.values())
+    inner = segmenter.predictor.predictor
     return {
-        "engine": type(segmenter.predictor.predictor).__name__,
+        "engine": " ".join(str(x) for x in (type(inner).__name__, getattr(inner, "path", "")) if x),
         "images": len(samples),
         "megapixels": megapixels,
         "nuclei": nuclei,
@@ -208,11 +210,12 @@ def main() -> None:
         t = training_throughput(load_json(TrainConfig, args.config), args.steps)
         print(f"training: {t['patches_per_s']:.2f} patches/s; network {t['network_gflops']:.1f} GFLOP/s = "
               f"{t['network_gflops'] / limit:.2f} of matmul; data preparation {t['data_share']:.0%} of step time")
-    runs = [("auto", False), ("torch", False)] + ([("torch", True)] if args.bf16 else [])
-    for engine, bf16 in runs:
-        s = segmentation_throughput(args.model, bf16, engine)
+    runs = [("auto", False, True), ("onnx", False, False), ("torch", False, True)]
+    for engine, bf16, int8 in runs + ([("torch", True, True)] if args.bf16 else []):
+        s = segmentation_throughput(args.model, bf16, engine, int8)
         types = ", ".join(f"{kind} {mp_per_s:.2f}" for kind, mp_per_s in s["per_type"].items())
-        print(f"segmentation, engine {engine}{' (bf16)' if bf16 else ''} ({s['engine']}): {s['images']} images, "
+        print(f"segmentation, engine {engine}{' (bf16)' if bf16 else ''}{'' if int8 else ' --no-int8'} "
+              f"({s['engine']}): {s['images']} images, "
               f"{s['megapixels']:.1f} MP, {s['nuclei']} nuclei in {s['seconds']:.1f} s = {s['mp_per_s']:.2f} MP/s "
               f"in-process (per image type: {types}); network {s['network_share']:.0%} at "
               f"{s['network_gflops']:.1f} GFLOP/s = {s['network_gflops'] / limit:.2f} of matmul, the rest (input "

@@ -127,9 +127,9 @@ def shrunk_sample(train_root, image_id: str, factor: float) -> tuple[np.ndarray,
     return rescale(sample.image, factor, order=1), rescale(sample.labels.astype(np.int32), factor, order=0)
 
 
-def segment_recording_scales(image: np.ndarray, monkeypatch) -> tuple:
+def segment_recording_scales(image: np.ndarray, monkeypatch, **settings) -> tuple:
     """The default model's segmentation of ``image`` and the scale of each network pass it made, in order."""
-    segmenter, scales = Segmenter("default"), []
+    segmenter, scales = Segmenter("default", **settings), []
     probabilities = segmenter.probabilities
     monkeypatch.setattr(segmenter, "probabilities", lambda x, scale, region=None: scales.append(scale)
                         or probabilities(x, scale, region))
@@ -149,15 +149,18 @@ def test_small_nuclei_that_vanish_at_half_size_are_not_read_as_texture(train_roo
     assert result.diameter_estimated and result.scale > 2
 
 
-def test_nuclei_read_at_half_size_that_vanish_at_full_size_send_the_estimate_finer(train_root, monkeypatch):
+@pytest.mark.parametrize("int8", [True, False])
+def test_nuclei_read_at_half_size_that_vanish_at_full_size_send_the_estimate_finer(train_root, monkeypatch, int8):
     """A real fluorescence image shrunk to a quarter (nuclei ~2.5 px), default model: the half-size pass reads
-    the texture as nuclei of ~34 px; the look at the centre at full size, where such nuclei would be plain,
-    finds none, so the reading is set aside and the estimate looks finer until it reads the small nuclei
-    (without the rule it kept ~34 px, 13x too large)."""
+    the texture as nuclei of ~34 px, twice the training size; at full size, where such nuclei would be plain,
+    there are none, so the reading is set aside and the estimate looks finer until it reads the small nuclei
+    (without the rule it kept ~34 px, 13x too large). The float32 network reads just over 34 px, and the
+    look at the centre (the whole image here) finds none; the 8-bit one reads just under, so the next pass
+    is at full size anyway and finds none."""
     image, labels = shrunk_sample(train_root, "648636ee314d7bdba3ab2fc0fe49a863de35c3e2caf619039f678df67b526868",
                                   0.25)
-    result, scales = segment_recording_scales(image, monkeypatch)
-    assert scales[:3] == [0.5, 1.0, 2.0]  # half size, the centre (the whole image here) at full size, finer
+    result, scales = segment_recording_scales(image, monkeypatch, int8=int8)
+    assert scales[:3] == [0.5, 1.0, 2.0]  # half size, the whole image at full size, finer
     assert abs(np.log(result.diameter / median_diameter(labels))) < np.log(2)
 
 

@@ -138,6 +138,8 @@ class InferenceConfig:
     max_megapixels: float = MAX_MEGAPIXELS
     tta: bool = False  # average the predictions of the four flips (4x slower, slightly better)
     bf16: bool = False  # run the network in bfloat16 (faster on CPUs with AVX512-BF16 or AMX)
+    # the onnx engine runs the model folder's 8-bit integer export (predict.ONNX_INT8_FILE) where it has one
+    int8: bool = True
     # predictor that runs the network (predict.PREDICTORS); "auto": onnx on the CPU where the model folder
     # has an ONNX export of its weights (about 2.5x faster there), else torch
     engine: str = "auto"

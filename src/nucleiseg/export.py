@@ -92,6 +92,94 @@ def export_names(model: ModelBundle) -> dict[str, str]:
     return names
 
 
+def export_onnx_int8(model: ModelBundle, out: str | os.PathLike, samples: list | None = None,
+                     per_type: int = 16) -> None:
+    """Write the network as ONNX with 8-bit integer weights and activations (onnxruntime's static
+    quantisation: per-channel weights, activation ranges calibrated on real inputs), atomically; inputs and
+    outputs as ``export_onnx``, with its record of the weights.
+
+    The first convolution (one input channel: little arithmetic) and the head stay in float32: the head's
+    size output sets the diameter estimate. ``samples`` are the labelled images to calibrate on (default:
+    the training split of the model folder's train_config.json), ``per_type`` of each image type, each seen
+    at its nuclei's training size and as it is (as the diameter estimate sees it first).
+    """
+    try:
+        import onnx
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise ValueError('the onnx-int8 export needs onnx: pip install "nucleiseg[onnx]"') from exc
+    if samples is None:
+        samples = recipe_training_images(model)
+    crops = calibration_inputs(samples, model.target_diameter, per_type)
+
+    class Crops(CalibrationDataReader):
+        def __init__(self):
+            self.remaining = iter(crops)
+
+        def get_next(self):
+            crop = next(self.remaining, None)
+            return None if crop is None else {"input": crop}
+
+    with TemporaryDirectory() as tmp:
+        export_onnx(model, Path(tmp) / "float32.onnx")
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(Path(tmp) / "float32.onnx"), str(prepared), skip_symbolic_shape=True)
+        convolutions = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
+        with atomic_path(out) as target:
+            quantize_static(str(prepared), str(target), Crops(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=[convolutions[0], convolutions[-1]])
+
+
+def recipe_training_images(model: ModelBundle) -> list:
+    """The training split of the recipe in the model folder's train_config.json."""
+    from nucleiseg.config import TrainConfig, load_json
+    from nucleiseg.data import load_split
+
+    recipe = model.folder / TRAIN_CONFIG if model.folder is not None else None
+    if recipe is None or not recipe.is_file():
+        raise ValueError(f"the onnx-int8 export calibrates on the model's training images, and {recipe or 'the model'} "
+                         f"does not name them ({TRAIN_CONFIG})")
+    train, _ = load_split(load_json(TrainConfig, recipe), progress=False)
+    if not train:
+        raise ValueError(f"{recipe}: its training split is empty; the onnx-int8 export has nothing to calibrate on")
+    return train
+
+
+def calibration_inputs(samples: list, target_diameter: float, per_type: int, side: int = 256,
+                       seed: int = 0) -> list[np.ndarray]:
+    """(1, 1, side, side) network inputs: up to ``per_type`` images of each image type (chosen at random),
+    each rescaled to bring its nuclei to ``target_diameter`` and as it is, cropped at the centre (edge-padded
+    where smaller)."""
+    from nucleiseg.data import image_type, network_input, rescale, scale_factor
+    from nucleiseg.targets import median_diameter
+
+    by_type: dict[str, list] = {}
+    for sample in samples:
+        by_type.setdefault(image_type(sample.image), []).append(sample)
+    rng = np.random.default_rng(seed)
+    crops = []
+    for kind in sorted(by_type):
+        for i in rng.permutation(len(by_type[kind]))[:per_type]:
+            sample = by_type[kind][i]
+            x, _ = network_input(sample.image)
+            for factor in (scale_factor(median_diameter(sample.labels), target_diameter), 1.0):
+                y = rescale(x, factor, order=1)
+                top, left = max(0, (y.shape[0] - side) // 2), max(0, (y.shape[1] - side) // 2)
+                y = y[top:top + side, left:left + side]
+                y = np.pad(y, ((0, side - y.shape[0]), (0, side - y.shape[1])), mode="edge")
+                crops.append(np.ascontiguousarray(y[None, None], np.float32))
+    return crops
+
+
 def export_bioimageio(model: ModelBundle, out_dir: str | os.PathLike) -> Path:
     """Write a bioimage.io model package (the newest model format bioimageio.spec has) into the new folder
     ``out_dir``.

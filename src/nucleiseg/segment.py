@@ -168,14 +168,15 @@ class Segmenter:
         predictor and every inference setting."""
         import nucleiseg
 
+        network_file = ""
         if isinstance(self.predictor, OnnxPredictor) and not self.custom_predictor:  # checked: these weights
-            weights = self.predictor.weights
+            weights, network_file = self.predictor.weights, f":{Path(self.predictor.path).name}"
         else:
             from nucleiseg.network import weights_digest
 
             weights = weights_digest(self.bundle.network)
         return {"version": nucleiseg.__version__, "architecture": self.bundle.architecture,
-                "weights": weights, "predictor": type(self.predictor).__name__,
+                "weights": weights, "predictor": type(self.predictor).__name__ + network_file,
                 "inference": asdict(self.config), "quality": self.quality and asdict(self.quality)}
 
     def check_diameter(self, diameter: float) -> None:
@@ -219,7 +220,8 @@ class Segmenter:
         half size: where that look finds nuclei less than a third the size, the whole crop is looked at at full
         size instead; where it finds none although it saw the whole crop, or more than three times the
         foreground the half-size pass found there (nuclei too small for half size, read as large at full size
-        too), the crop is looked at at twice its size (up to ``max_scale``). A pass is kept where its own reading
+        too), the crop is looked at at twice its size (up to ``max_scale``), as it is where the full-size pass
+        that follows a half-size reading finds no nuclei. A pass is kept where its own reading
         agrees within 1.3x (the network was trained at 0.6-1.6x), else one more runs. Where nothing is found,
         the scale doubles up to 2x, to look for small nuclei.
 
@@ -240,6 +242,12 @@ class Segmenter:
                     if settled is None or scale == 1.0:
                         settled = (scale, outputs)  # used if nothing is found at all
                     scale = min(2 * scale, finest)
+                    continue
+                if diameter is not None and settled[0] < scale == 1.0 < finest:
+                    # the nuclei the half-size pass read would be plain at full size, and there are none: that
+                    # reading was texture over nuclei too small to see at half size (as where the centre look
+                    # finds none): look finer
+                    scale, diameter, settled = finest, None, (scale, outputs)
                     continue
                 break
             diameter, settled = found, (scale, outputs)
