@@ -41,6 +41,25 @@ def test_merged_nuclei_disagree_with_the_size_output(segmenter, validation_sampl
     assert set(SIGNALS) <= set(own) and own["nuclei"] == labels.max()
 
 
+def test_merged_nuclei_are_concave(segmenter, validation_samples):
+    """The clumps of the test above are concave: the concavity signal rises; and the polygon solidity ranks
+    real nuclei as scikit-image's convex-hull solidity does."""
+    from skimage.measure import regionprops_table
+
+    from nucleiseg.quality import solidity
+
+    image = validation_samples[0].image
+    labels = segmenter.segment(image).labels
+    clumps, _ = ndi.label(ndi.binary_dilation(labels > 0, iterations=4))
+    merged = np.where(labels > 0, clumps, 0)
+    assert _signals(segmenter, image, merged)["concavity"] > 1.5 * _signals(segmenter, image)["concavity"]
+    n = int(labels.max())
+    ours = solidity(labels, n)
+    theirs = regionprops_table(labels, properties=("label", "solidity", "area"))
+    big = theirs["area"] >= 30
+    assert np.corrcoef(ours[theirs["label"][big] - 1], theirs["solidity"][big])[0, 1] > 0.8
+
+
 def test_estimate_ranks_real_images_by_their_score(segmenter, validation_samples):
     """On the five committed validation images the estimate is in [0, 1] and the image the model segments
     best is estimated above the one it segments worst."""
