@@ -10,9 +10,10 @@ import torch
 
 from nucleiseg.cli import main
 from nucleiseg.config import ModelConfig, TrainConfig
-from nucleiseg.io import load_dataset, write_labels
+from nucleiseg.io import load_dataset, read_image, write_labels
 from nucleiseg.model import load_model
 from nucleiseg.network import build_model
+from nucleiseg.segment import Segmenter
 from nucleiseg.train import start_from
 
 from .conftest import VALIDATION
@@ -37,6 +38,14 @@ def test_finetune_on_two_images_changes_the_trained_weights_only(tmp_path, caplo
     assert not any(name.startswith(("down.0.", "down.1.")) or "running_" in name for name in changed)
     # too few images to re-tune: the shipped thresholds and settings are kept
     assert tuned.thresholds == base.thresholds and tuned.inference == base.inference
+    # the README's export line gives it an 8-bit network, calibrated on its own training images, that runs
+    folder = tmp_path / "run" / "model"
+    export = ["export", str(folder), "--format", "onnx-int8", "--out", str(folder / "model_int8.onnx")]
+    assert main(export) == 2  # a fine-tune's recipe does not record its images
+    assert main(export + ["--images", str(images), "--labels", str(labels)]) == 0
+    segmenter = Segmenter(folder, device="cpu")
+    assert segmenter.settings()["predictor"] == "OnnxPredictor:model_int8.onnx"
+    assert segmenter.segment(read_image(VALIDATION / s.id / "images" / f"{s.id}.png")).labels.max() > 0
 
 
 def test_init_from_a_model_of_another_shape_is_refused():

@@ -127,6 +127,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="onnx: file to write (model.onnx in a model folder: --engine onnx; "
                                                 "onnx-int8: model_int8.onnx); bioimageio: new folder to write the "
                                                 "package into")
+    p.add_argument("--images", help="onnx-int8: labelled images to calibrate on, paired with --labels as by `train "
+                                    "--images` (default: the training images of the model's train_config.json)")
+    p.add_argument("--labels", help="onnx-int8: the folder of their labels")
 
     p = sub.add_parser("seed", help="run the classic 128x128 U-Net recipe end to end", formatter_class=formatter)
     p.add_argument("--train", default=DEFAULT_TRAIN, help="training folder (competition layout)")
@@ -451,8 +454,14 @@ def _export(args) -> int:
     from nucleiseg.export import export_bioimageio, export_onnx, export_onnx_int8
     from nucleiseg.model import load_model
 
-    export = {"onnx": export_onnx, "onnx-int8": export_onnx_int8, "bioimageio": export_bioimageio}[args.format]
-    export(load_model(args.model), args.out)
+    model = load_model(args.model)
+    if args.format == "onnx-int8":
+        from nucleiseg.labelled import pair_labels
+
+        samples = [pair.read() for pair in pair_labels(args.images, args.labels)] if args.images else None
+        export_onnx_int8(model, args.out, samples)
+    else:
+        {"onnx": export_onnx, "bioimageio": export_bioimageio}[args.format](model, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -147,10 +147,12 @@ def recipe_training_images(model: ModelBundle) -> list:
     recipe = model.folder / TRAIN_CONFIG if model.folder is not None else None
     if recipe is None or not recipe.is_file():
         raise ValueError(f"the onnx-int8 export calibrates on the model's training images, and {recipe or 'the model'} "
-                         f"does not name them ({TRAIN_CONFIG})")
-    train, _ = load_split(load_json(TrainConfig, recipe), progress=False)
-    if not train:
-        raise ValueError(f"{recipe}: its training split is empty; the onnx-int8 export has nothing to calibrate on")
+                         f"does not name them ({TRAIN_CONFIG}); give labelled images with --images and --labels")
+    recipe_config = load_json(TrainConfig, recipe)
+    if not recipe_config.data.root:  # a fine-tune names no folder: its images were given on the command line
+        raise ValueError(f"{recipe} names no training folder (a fine-tune's images are not recorded); give the "
+                         "labelled images to calibrate on with --images and --labels")
+    train, _ = load_split(recipe_config, progress=False)
     return train
 
 
