@@ -42,8 +42,8 @@ INFERENCE_OPTIONS = [
     ("--max-megapixels", number(float, 0, low_open=True), "refuse larger images"),
     ("--tta", bool, "average over flips (4x slower, slightly better)"),
     ("--bf16", bool, "run the network in bfloat16: faster on CPUs with AVX512-BF16/AMX, labels differ slightly"),
-    ("--int8", bool, "on the CPU, run the model folder's 8-bit integer export where it has one (about 2.5x "
-                     "faster network, labels differ slightly); --no-int8: its float32 export"),
+    ("--int8", bool, "on the CPU, run the model folder's 8-bit integer export where it has one (a network about "
+                     "2x faster, labels differ slightly); --no-int8: its float32 export"),
     ("--foreground-threshold", number(float, 0, 1), "foreground probability threshold"),
     ("--marker-threshold", number(float, 0, 1), "centre probability threshold of the watershed markers"),
     ("--engine", str, "what runs the network: auto (onnx on the CPU where the model folder has an export of its "
@@ -122,8 +122,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="shipped model name or model folder")
     p.add_argument("--format", choices=["onnx", "onnx-int8", "bioimageio"], default="onnx",
                    help="export format: onnx (one file), onnx-int8 (the same with 8-bit integer weights and "
-                        "activations, calibrated on the training images of the model's train_config.json) or "
-                        "bioimageio (a bioimage.io model package folder)")
+                        "activations, calibrated on labelled images: --images/--labels, else the model's training "
+                        "images) or bioimageio (a bioimage.io model package folder)")
     p.add_argument("--out", required=True, help="onnx: file to write (model.onnx in a model folder: --engine onnx; "
                                                 "onnx-int8: model_int8.onnx); bioimageio: new folder to write the "
                                                 "package into")

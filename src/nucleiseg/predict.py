@@ -198,7 +198,7 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 
 ONNX_FILE = "model.onnx"  # where the onnx engine looks for the export in a model folder
 # its 8-bit integer export (export.export_onnx_int8), which the onnx engine runs instead where
-# InferenceConfig.int8 (the default): about 2.5x faster on a CPU with 8-bit dot-product instructions
+# InferenceConfig.int8 (the default): about 2x faster on a CPU with 8-bit dot-product instructions
 ONNX_INT8_FILE = "model_int8.onnx"
 WEIGHTS_KEY = "nucleiseg_weights"  # ONNX metadata: the weights_digest of the network it was exported from
 WEIGHTS_FILE_KEY = "nucleiseg_weights_file"  # ONNX metadata: the file_digest of the weights.pt that holds it
