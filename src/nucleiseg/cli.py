@@ -128,7 +128,7 @@ def get_parser() -> argparse.ArgumentParser:
                                                 "onnx-int8: model_int8.onnx); bioimageio: new folder to write the "
                                                 "package into")
     p.add_argument("--images", help="onnx-int8: labelled images to calibrate on, paired with --labels as by `train "
-                                    "--images` (default: the training images of the model's train_config.json)")
+                                    "--images`; None: the training images of the model's train_config.json")
     p.add_argument("--labels", help="onnx-int8: the folder of their labels")
 
     p = sub.add_parser("seed", help="run the classic 128x128 U-Net recipe end to end", formatter_class=formatter)
