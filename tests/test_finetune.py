@@ -38,7 +38,7 @@ def test_finetune_on_two_images_changes_the_trained_weights_only(tmp_path, caplo
     assert not any(name.startswith(("down.0.", "down.1.")) or "running_" in name for name in changed)
     # too few images to re-tune: the shipped thresholds and settings are kept
     assert tuned.thresholds == base.thresholds and tuned.inference == base.inference
-    # the README's export line gives it an 8-bit network, calibrated on its own training images, that runs
+    # the README's export line gives it an 8-bit network, calibrated on the images it was tuned on, that runs
     folder = tmp_path / "run" / "model"
     export = ["export", str(folder), "--format", "onnx-int8", "--out", str(folder / "model_int8.onnx")]
     assert main(export) == 2  # a fine-tune's recipe does not record its images
