@@ -39,6 +39,7 @@ from nucleiseg.config import from_dict
 from nucleiseg.data import decode_size
 from nucleiseg.io import atomic_path
 from nucleiseg.measure import label_maximum
+from nucleiseg.viz import inner_boundaries
 
 QUALITY_FILE = "quality.json"
 SIGNALS = ("border_uncertainty", "size_disagreement", "centre_peak", "area_spread", "foreground_confidence",
@@ -104,30 +105,23 @@ def solidity(labels: np.ndarray, n: int, directions: int = 16) -> np.ndarray:
     """Area / convex area of each of the ``n`` labels, the convex hull approximated by the polygon of
     ``directions`` support lines at equal angles around the label's pixels (squares), in one vectorised pass
     over the boundary pixels instead of a hull per nucleus; 1 for an absent label."""
-    padded = np.pad(labels, 1)  # the image's edge bounds a nucleus too
-    inner = padded[1:-1, 1:-1]
-    edge = (inner > 0) & ((inner != padded[:-2, 1:-1]) | (inner != padded[2:, 1:-1])
-                          | (inner != padded[1:-1, :-2]) | (inner != padded[1:-1, 2:]))
-    ys, xs = np.nonzero(edge)
+    ys, xs = np.nonzero(inner_boundaries(np.pad(labels, 1))[1:-1, 1:-1])  # the image's edge bounds a nucleus too
     owner = labels[ys, xs]
-    order = np.argsort(owner, kind="stable")
-    ys, xs, owner = ys[order].astype(float), xs[order].astype(float), owner[order]
-    present = np.bincount(owner, minlength=n + 1)[1:] > 0
-    starts = np.searchsorted(owner, np.arange(1, n + 1))[present]
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    present = area > 0
     angles = np.arange(directions) * 2 * np.pi / directions
     normals = np.stack([np.cos(angles), np.sin(angles)], 1)  # (x, y) of each support line's normal
     # support value of each label in each direction: its farthest pixel centre plus half a pixel's extent
-    support = np.stack([np.maximum.reduceat(xs * ux + ys * uy, starts) + (abs(ux) + abs(uy)) / 2
-                        for ux, uy in normals], 1)
+    projections = np.stack([xs * ux + ys * uy for ux, uy in normals], 1)
+    support = label_maximum(owner, projections, n + 1)[1:][present] + np.abs(normals).sum(1) / 2
     # corners of the polygon where consecutive support lines meet, then its area (shoelace)
     following, support_next = np.roll(normals, -1, 0), np.roll(support, -1, 1)
     det = normals[:, 0] * following[:, 1] - normals[:, 1] * following[:, 0]
     cx = (support * following[:, 1] - support_next * normals[:, 1]) / det
     cy = (normals[:, 0] * support_next - following[:, 0] * support) / det
     hull = 0.5 * np.abs(np.sum(cx * np.roll(cy, -1, 1) - np.roll(cx, -1, 1) * cy, 1))
-    area = np.bincount(labels.ravel(), minlength=n + 1)[1:][present]
     out = np.ones(n)
-    out[present] = area / hull
+    out[present] = area[present] / hull
     return out
 
 
