@@ -141,7 +141,7 @@ def segmentation_throughput(model: str, bf16: bool = False, engine: str = "auto"
     total = sum(seconds for seconds, _ in per_type.values())
     inner = segmenter.predictor.predictor
     return {
-        "engine": " ".join(str(x) for x in (type(inner).__name__, getattr(inner, "path", "")) if x),
+        "engine": f"{type(inner).__name__} {getattr(inner, 'path', '')}".strip(),
         "images": len(samples),
         "megapixels": megapixels,
         "nuclei": nuclei,
