@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nucleiseg.data import prepare_input
 from nucleiseg.io import read_image
 from nucleiseg.model import gpu_driver_present, load_model
 from nucleiseg.network import weights_digest
@@ -98,8 +99,6 @@ def test_an_int8_export_is_run_where_present_and_gives_the_float32_probabilities
     int8 = make_predictor(bundle, bundle.inference.updated(engine="onnx"))
     float32 = make_predictor(bundle, bundle.inference.updated(engine="onnx", int8=False))
     assert Path(int8.path).name == "model_int8.onnx" and Path(float32.path).name == "model.onnx"
-    from nucleiseg.data import prepare_input
-
     x = prepare_input(read_image(SAMPLES / "fluorescence_sparse.png"))[None, None, :256, :256]
     difference = np.abs(int8(x) - float32(x))
     assert 0 < difference.mean() < 0.02
