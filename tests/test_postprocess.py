@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from nucleiseg.config import PostprocessConfig
-from nucleiseg.postprocess import clean, instances
+from nucleiseg.postprocess import clean, instances, merge_fragments
 from nucleiseg.targets import make_targets
 
 
@@ -10,12 +10,30 @@ def test_touching_nuclei_are_separated_from_perfect_maps(validation_samples):
     # perfect probability maps (the training targets) must give back the true nuclei; over 66 real
     # images this upper bound of the method is 0.98 with a marker threshold of 0.4
     from nucleiseg.metrics import match
+    from nucleiseg.targets import median_diameter
 
     for sample in validation_samples:
         labels = sample.labels.astype(np.int32)
-        predicted = instances(make_targets(labels), PostprocessConfig(0.5, 0.4, 0.0))
+        predicted = instances(make_targets(labels), PostprocessConfig(0.5, 0.4, 0.0), median_diameter(labels))
         result = match(labels, predicted)
         assert result.dsb_score() > 0.85, sample.id
+
+
+def test_a_lobe_cut_off_a_nucleus_is_merged_back_and_the_others_stay(validation_samples):
+    from nucleiseg.targets import median_diameter
+
+    labels = validation_samples[0].labels.astype(np.int32)
+    area = np.bincount(labels.ravel())
+    largest = int(np.argmax(area[1:])) + 1
+    # cut the largest nucleus' left tenth off as an object of its own
+    ys, xs = np.nonzero(labels == largest)
+    lobe = xs < np.quantile(xs, 0.1)
+    split = labels.copy()
+    split[ys[lobe], xs[lobe]] = labels.max() + 1
+    disc = np.pi * median_diameter(labels) ** 2 / 4
+    assert lobe.sum() < 0.25 * disc
+    merged = merge_fragments(split, 0.25 * disc)
+    np.testing.assert_array_equal(merged, labels)  # every other nucleus untouched
 
 
 def test_two_touching_discs_give_two_labels():

@@ -78,6 +78,9 @@ class DataConfig:
     # "../shared/data/tnbc/tnbc_0[1-7]_*"): extra_train are trained on, extra_val join the validation split
     extra_train: tuple[str, ...] = ()
     extra_val: tuple[str, ...] = ()
+    # sample each extra_train set as a group of its own beside the root's image types, so that an extra set
+    # (tnbc's 40x H&E) is not drowned in the competition's histology of another kind
+    balance_sets: bool = False
     # every training image is rescaled so that its median nucleus diameter becomes this many pixels
     target_diameter: float = TARGET_DIAMETER
     patch_size: int = 192

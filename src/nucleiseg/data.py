@@ -200,14 +200,15 @@ def training_targets(labels: np.ndarray) -> np.ndarray:
 class PatchSampler:
     """Draws augmented (input, target) patches from training images.
 
-    Images are drawn with weights that give rare image types (histology, brightfield) more weight than
-    their share of the data set: the user's images are more varied than the competition's. Patches are
+    Images are drawn with weights that give rare groups more weight than their share of the data set:
+    each group (the image type, or ``groups`` when given) as a whole is drawn in proportion to the square
+    root of its size, since the user's images are more varied than the competition's. Patches are
     drawn at nucleus scales from ``scale_range`` and, for a share ``wide_scale_prob`` of them, from the
     wider ``wide_scale_range``, so that the size output learns to tell nuclei of any size.
     """
 
     def __init__(self, images: list[TrainingImage], patch_size: int, augment: AugmentConfig, seed: int,
-                 target_diameter: float = 17.0):
+                 target_diameter: float = 17.0, groups: list[str] | None = None):
         if not images:
             raise ValueError("no training images")
         self.images = images
@@ -215,9 +216,9 @@ class PatchSampler:
         self.augment = augment
         self.target_diameter = target_diameter
         self.rng = np.random.default_rng(seed)
-        kinds = [im.kind for im in images]
-        counts = {k: kinds.count(k) for k in set(kinds)}
-        weights = np.array([1 / np.sqrt(counts[k]) for k in kinds])
+        groups = groups or [im.kind for im in images]
+        counts = {g: groups.count(g) for g in set(groups)}
+        weights = np.array([1 / np.sqrt(counts[g]) for g in groups])
         self.weights = weights / weights.sum()
 
     def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -306,6 +307,15 @@ def select_samples(spec: str, progress: bool = True) -> list[Sample]:
     if not ids:
         raise ValueError(f"{spec}: no image folder of {folder!r} matches {pattern!r}")
     return load_dataset(folder, ids, progress=progress)
+
+
+def sampling_groups(cfg: TrainConfig, images: list[TrainingImage]) -> list[str] | None:
+    """Each training image's group for ``PatchSampler`` where ``cfg.data.balance_sets`` asks for groups:
+    the extra_train set whose pattern its id matches, else its image type."""
+    if not cfg.data.balance_sets:
+        return None
+    patterns = [os.path.basename(spec) for spec in cfg.data.extra_train]
+    return [next((p for p in patterns if fnmatch(im.id, p)), im.kind) for im in images]
 
 
 def load_split(cfg: TrainConfig, progress: bool = True) -> tuple[list[Sample], list[Sample]]:

@@ -10,6 +10,7 @@ from skimage.segmentation import watershed
 from nucleiseg.config import TARGET_DIAMETER, PostprocessConfig
 
 BLOCK = 2048  # images larger than this (per side) are post-processed in blocks to bound memory
+FRAGMENT_FRACTION = 0.25  # objects under this share of a disc of the diameter that touch others are merged
 
 
 def instances(
@@ -69,8 +70,39 @@ def _instances(probabilities: np.ndarray, thresholds: PostprocessConfig, diamete
     # foreground regions without any marker (small or faint nuclei) are nuclei too, not background
     unmarked, _ = ndi.label(mask & (labels == 0))
     labels[unmarked > 0] = unmarked[unmarked > 0] + n_markers
-    min_area = thresholds.min_area_fraction * np.pi * diameter**2 / 4
-    return clean(labels, min_area)
+    disc = np.pi * diameter**2 / 4
+    labels = merge_fragments(labels, FRAGMENT_FRACTION * disc)
+    return clean(labels, thresholds.min_area_fraction * disc)
+
+
+def merge_fragments(labels: np.ndarray, max_area: float) -> np.ndarray:
+    """Give each object under ``max_area`` pixels that touches others to the one it shares the longest
+    border with: a lobe of a large nucleus whose centre map has two peaks, not a nucleus of its own."""
+    area = np.bincount(labels.ravel())
+    small = (area > 0) & (area < max_area)
+    small[0] = False
+    if not small.any():
+        return labels
+    pairs = []
+    for here, there in ((np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:-1], np.s_[1:])):
+        a, b = labels[here].ravel(), labels[there].ravel()
+        touch = (a != b) & (a > 0) & (b > 0) & (small[a] | small[b])
+        pairs += [np.stack([a[touch], b[touch]]), np.stack([b[touch], a[touch]])]
+    pairs = np.concatenate(pairs, axis=1)
+    # into a larger neighbour only, so that chains of merges end and no two fragments swap
+    pairs = pairs[:, small[pairs[0]] & (area[pairs[1]] > area[pairs[0]])]
+    if not pairs.size:
+        return labels
+    (fragment, neighbour), border = np.unique(pairs, axis=1, return_counts=True)
+    # the longest border first, then the larger neighbour: the first row of each fragment is its target
+    order = np.lexsort((-area[neighbour], -border, fragment))
+    fragment, neighbour = fragment[order], neighbour[order]
+    first = np.r_[True, fragment[1:] != fragment[:-1]]
+    target = np.arange(len(area))
+    target[fragment[first]] = neighbour[first]
+    for _ in range(8):  # a fragment merged into a larger fragment follows it
+        target = target[target]
+    return target[labels].astype(labels.dtype)
 
 
 def clean(labels: np.ndarray, min_area: float) -> np.ndarray:

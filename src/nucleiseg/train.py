@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nucleiseg.config import TrainConfig, load_json, save_json
-from nucleiseg.data import PatchSampler, load_split, prepare_training_image
+from nucleiseg.data import PatchSampler, load_split, prepare_training_image, sampling_groups
 from nucleiseg.io import Sample, atomic_path
 from nucleiseg.metrics import score
 from nucleiseg.model import ModelBundle, save_model
@@ -154,7 +154,8 @@ def fit(cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = Fals
         prepare_training_image(s, cfg.data.target_diameter)
         for s in tqdm(train_samples, desc="preparing targets", unit="img", disable=not progress, leave=False)
     ]
-    sampler = PatchSampler(images, cfg.data.patch_size, cfg.augment, cfg.seed, cfg.data.target_diameter)
+    sampler = PatchSampler(images, cfg.data.patch_size, cfg.augment, cfg.seed, cfg.data.target_diameter,
+                           sampling_groups(cfg, images))
     device = select_device(cfg.device)
     log.info("training on %s", device)
     network = build_model(cfg.model)
