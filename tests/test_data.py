@@ -67,6 +67,24 @@ def test_patches_are_valid_and_reproducible(validation_samples):
     np.testing.assert_array_equal(batches[0][0], batches[1][0])
 
 
+def test_balanced_sets_draw_an_extra_set_as_a_group_of_its_own(validation_samples):
+    from nucleiseg.config import DataConfig, TrainConfig
+    from nucleiseg.data import sampling_groups
+
+    images = [prepare_training_image(s, 17.0) for s in validation_samples]
+    extra = images[0].id
+    cfg = TrainConfig(data=DataConfig(extra_train=(f"some/folder/{extra}",), balance_sets=True))
+    groups = sampling_groups(cfg, images)
+    assert groups[0] == extra and groups[1:] == [im.kind for im in images[1:]]
+    assert sampling_groups(TrainConfig(data=DataConfig(extra_train=cfg.data.extra_train)), images) is None
+    weights = PatchSampler(images, 64, AugmentConfig(), seed=0, groups=groups).weights
+    # each group as a whole is drawn in proportion to the square root of its size
+    shares = {g: weights[[i for i, h in enumerate(groups) if h == g]].sum() for g in set(groups)}
+    sizes = {g: groups.count(g) for g in set(groups)}
+    for g in shares:
+        assert shares[g] == pytest.approx(np.sqrt(sizes[g]) / sum(np.sqrt(list(sizes.values()))))
+
+
 def test_scale_factor_is_limited():
     assert scale_factor(17.0, 17.0) == 1.0
     assert scale_factor(170.0, 17.0) == 0.125 and scale_factor(1.0, 17.0) == 4.0

@@ -20,8 +20,8 @@ def instances(
 
     Markers are the connected regions where the centre map exceeds ``marker_threshold``; each grows by
     watershed on the inverted centre map inside the foreground, and a foreground region that holds no
-    marker becomes one object. Objects smaller than
-    ``min_area_fraction`` of a disc of ``diameter`` are removed and holes are filled.
+    marker becomes one object. Small objects that touch others are merged into them (``merge_fragments``),
+    objects smaller than ``min_area_fraction`` of a disc of ``diameter`` are removed and holes are filled.
 
     Above ``block`` pixels per side the image is processed in overlapping blocks (see ``_blockwise``).
     """
