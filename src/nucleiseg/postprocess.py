@@ -83,10 +83,12 @@ def merge_fragments(labels: np.ndarray, max_area: float) -> np.ndarray:
     small[0] = False
     if not small.any():
         return labels
+    in_small = small[labels]
     pairs = []
     for here, there in ((np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:-1], np.s_[1:])):
-        a, b = labels[here].ravel(), labels[there].ravel()
-        touch = (a != b) & (a > 0) & (b > 0) & (small[a] | small[b])
+        near = in_small[here] | in_small[there]  # side-by-side pixels where one is a small object's
+        a, b = labels[here][near], labels[there][near]
+        touch = (a != b) & (a > 0) & (b > 0)
         pairs += [np.stack([a[touch], b[touch]]), np.stack([b[touch], a[touch]])]
     pairs = np.concatenate(pairs, axis=1)
     # into a larger neighbour only, so that chains of merges end and no two fragments swap
