@@ -43,8 +43,8 @@ class TimedPredictor:
         return out
 
 
-def run(images: list[np.ndarray], model: str, device: str) -> tuple[list[np.ndarray], dict]:
-    segmenter = Segmenter(model, device=device)
+def run(images: list[np.ndarray], model: str, device: str, **settings) -> tuple[list[np.ndarray], dict]:
+    segmenter = Segmenter(model, device=device, **settings)
     timed = segmenter.predictor = TimedPredictor(segmenter.predictor)
     segmenter.segment(images[0])  # warm-up: CUDA context, cuDNN's choice of kernels
     timed.seconds = 0.0
@@ -74,23 +74,28 @@ def main() -> None:
     gpu = "" if args.cpu_only else f", GPU {torch.cuda.get_device_name()}"
     print(f"{len(images)} images, {megapixels:.1f} MP; torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads{gpu}")
+    # the CPU runs the 8-bit network by default, a GPU float32: the agreement is checked against float32 on both
+    runs = {"cpu": ("cpu", {}), "cpu float32": ("cpu", {"int8": False}), "cuda": ("cuda", {})}
     results = {}
-    for device in ("cpu",) if args.cpu_only else ("cpu", "cuda"):
-        labels, t = run(images, args.model, device)
-        results[device] = labels
-        print(f"{device}: {megapixels / t['seconds']:.2f} MP/s ({len(images) / t['seconds']:.2f} images/s, "
+    for name, (device, settings) in runs.items():
+        if args.cpu_only and device == "cuda":
+            continue
+        labels, t = run(images, args.model, device, **settings)
+        results[name] = labels
+        print(f"{name}: {megapixels / t['seconds']:.2f} MP/s ({len(images) / t['seconds']:.2f} images/s, "
               f"{t['seconds']:.1f} s); network {t['network']:.1f} s ({t['network'] / t['seconds']:.0%}), "
               f"rest of prediction {t['prediction_rest']:.1f} s, post-processing {t['postprocess']:.1f} s")
-    if args.cpu_only:
-        return
-    counts = np.array([abs(int(a.max()) - int(b.max())) for a, b in zip(results["cpu"], results["cuda"], strict=True)])
-    matches = [match(a, b) for a, b in zip(results["cpu"], results["cuda"], strict=True)]
-    ious = np.concatenate([m.ious for m in matches])
-    same = sum(np.array_equal(a, b) for a, b in zip(results["cpu"], results["cuda"], strict=True))
-    print(f"agreement cpu vs cuda: {same}/{len(images)} label images identical; nucleus count differs on "
-          f"{(counts > 0).sum()} images (at most {counts.max()}, {counts.sum()} of "
-          f"{sum(int(a.max()) for a in results['cpu'])} in all); mean IoU of matched nuclei {ious.mean():.4f} "
-          f"(lowest image mean {min(m.ious.mean() for m in matches if len(m.ious)):.4f})")
+    pairs = [("cpu float32", "cpu")] if args.cpu_only else [("cpu float32", "cuda"), ("cpu", "cuda")]
+    for first, second in pairs:
+        a_labels, b_labels = results[first], results[second]
+        counts = np.array([abs(int(a.max()) - int(b.max())) for a, b in zip(a_labels, b_labels, strict=True)])
+        matches = [match(a, b) for a, b in zip(a_labels, b_labels, strict=True)]
+        ious = np.concatenate([m.ious for m in matches])
+        same = sum(np.array_equal(a, b) for a, b in zip(a_labels, b_labels, strict=True))
+        print(f"agreement {first} vs {second}: {same}/{len(images)} label images identical; nucleus count differs "
+              f"on {(counts > 0).sum()} images (at most {counts.max()}, {counts.sum()} of "
+              f"{sum(int(a.max()) for a in a_labels)} in all); mean IoU of matched nuclei {ious.mean():.4f} "
+              f"(lowest image mean {min(m.ious.mean() for m in matches if len(m.ious)):.4f})")
 
 
 if __name__ == "__main__":
