@@ -104,7 +104,7 @@ def merge_fragments(labels: np.ndarray, max_area: float) -> np.ndarray:
     target[fragment[first]] = neighbour[first]
     for _ in range(8):  # a fragment merged into a larger fragment follows it
         target = target[target]
-    return target[labels].astype(labels.dtype)
+    return target.astype(labels.dtype)[labels]
 
 
 def clean(labels: np.ndarray, min_area: float) -> np.ndarray:
