@@ -1,13 +1,15 @@
-"""Segmentation speed on the CPU and on a CUDA GPU, and whether the two give the same nuclei.
+"""Segmentation speed on the CPU (8-bit and float32 network) and on a CUDA GPU, and whether they give the
+same nuclei.
 
     python benchmarks/gpu.py [--data ../shared/data/dsb2018/stage1_test] [--model default] [--cpu-only]
 
 Segments every image of ``--data`` (a competition-layout folder, read with ``nucleiseg.io.load_dataset``)
-with the default settings (automatic diameter) on each device, after one warm-up image. Prints per device
+with the default settings (automatic diameter) in each of the three runs, after one warm-up image. Prints per run
 the megapixels per second end to end and where the time goes: the network (the predictor's calls, GPU
 transfers included), the rest of the prediction (tiling, rescaling, blending, the diameter estimate's
-bookkeeping) and post-processing (always on the CPU). Then the agreement of the label images: per image the
-difference in nucleus count, and the mean IoU of the nuclei matched at IoU > 0.5 (``nucleiseg.metrics.match``).
+bookkeeping) and post-processing (always on the CPU). Then the agreement of the label images of CUDA with
+each CPU run (float32 first: the same arithmetic): per image the difference in nucleus count, and the mean IoU
+of the nuclei matched at IoU > 0.5 (``nucleiseg.metrics.match``).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def main() -> None:
     print(f"{len(images)} images, {megapixels:.1f} MP; torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads{gpu}")
     # the CPU runs the 8-bit network by default, a GPU float32: the agreement is checked against float32 on both
-    runs = {"cpu": ("cpu", {}), "cpu float32": ("cpu", {"int8": False}), "cuda": ("cuda", {})}
+    runs = {"cpu int8": ("cpu", {}), "cpu float32": ("cpu", {"int8": False}), "cuda": ("cuda", {})}
     results = {}
     for name, (device, settings) in runs.items():
         if args.cpu_only and device == "cuda":
@@ -85,7 +87,7 @@ def main() -> None:
         print(f"{name}: {megapixels / t['seconds']:.2f} MP/s ({len(images) / t['seconds']:.2f} images/s, "
               f"{t['seconds']:.1f} s); network {t['network']:.1f} s ({t['network'] / t['seconds']:.0%}), "
               f"rest of prediction {t['prediction_rest']:.1f} s, post-processing {t['postprocess']:.1f} s")
-    pairs = [("cpu float32", "cpu")] if args.cpu_only else [("cpu float32", "cuda"), ("cpu", "cuda")]
+    pairs = [("cpu float32", "cpu int8")] if args.cpu_only else [("cpu float32", "cuda"), ("cpu int8", "cuda")]
     for first, second in pairs:
         a_labels, b_labels = results[first], results[second]
         counts = np.array([abs(int(a.max()) - int(b.max())) for a, b in zip(a_labels, b_labels, strict=True)])

@@ -67,16 +67,24 @@ def test_patches_are_valid_and_reproducible(validation_samples):
     np.testing.assert_array_equal(batches[0][0], batches[1][0])
 
 
-def test_balanced_sets_draw_an_extra_set_as_a_group_of_its_own(validation_samples):
+def test_balanced_sets_draw_an_extra_set_as_a_group_of_its_own(validation_samples, tmp_path):
     from nucleiseg.config import DataConfig, TrainConfig
     from nucleiseg.data import sampling_groups
 
+    from .conftest import VALIDATION
+
     images = [prepare_training_image(s, 17.0) for s in validation_samples]
-    extra = images[0].id
-    cfg = TrainConfig(data=DataConfig(extra_train=(f"some/folder/{extra}",), balance_sets=True))
+    # the first image in an extra folder, the others in the root; the extra set's pattern matches every id,
+    # the root's too: membership is by folder, not by pattern alone
+    (tmp_path / "root").mkdir()
+    (tmp_path / "extra").mkdir()
+    for i, im in enumerate(images):
+        (tmp_path / ("extra" if i == 0 else "root") / im.id).symlink_to(VALIDATION / im.id)
+    extra = str(tmp_path / "extra" / "*")
+    cfg = TrainConfig(data=DataConfig(root=str(tmp_path / "root"), extra_train=(extra,), balance_sets=True))
     groups = sampling_groups(cfg, images)
     assert groups[0] == extra and groups[1:] == [im.kind for im in images[1:]]
-    assert sampling_groups(TrainConfig(data=DataConfig(extra_train=cfg.data.extra_train)), images) is None
+    assert sampling_groups(TrainConfig(data=DataConfig(root=cfg.data.root, extra_train=(extra,))), images) is None
     weights = PatchSampler(images, 64, AugmentConfig(), seed=0, groups=groups).weights
     # each group as a whole is drawn in proportion to the square root of its size
     shares = {g: weights[[i for i, h in enumerate(groups) if h == g]].sum() for g in set(groups)}

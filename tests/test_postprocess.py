@@ -33,6 +33,21 @@ def test_a_lobe_cut_off_a_nucleus_is_merged_back_and_the_others_stay(validation_
     np.testing.assert_array_equal(merged, labels)  # every other nucleus untouched
 
 
+def test_fragments_join_larger_neighbours_only_and_chains_end_in_the_largest():
+    labels = np.zeros((6, 12), np.int32)
+    labels[:, :6] = 7  # a nucleus of 36 px
+    labels[0:2, 6:8] = 3  # 4 px touching it
+    labels[2:4, 6:7] = 5  # 2 px touching it and the 4 px one: the longer border is the nucleus'
+    labels[0, 8] = 9  # 1 px touching only the 4 px fragment: follows it into the nucleus
+    labels[0:2, 10:12] = 2  # 4 px alone: stays
+    labels[4:6, 7:9], labels[4:6, 9] = 4, 6  # 4 px and 2 px side by side, both under the limit: 6 joins 4
+    merged = merge_fragments(labels, max_area=10)
+    assert merged.dtype == labels.dtype
+    assert (merged[labels == 3] == 7).all() and (merged[labels == 5] == 7).all() and (merged[labels == 9] == 7).all()
+    assert (merged[labels == 2] == 2).all() and (merged[labels == 6] == 4).all() and (merged[labels == 4] == 4).all()
+    np.testing.assert_array_equal(merge_fragments(labels, max_area=1), labels)  # nothing under 1 px
+
+
 def test_two_touching_discs_give_two_labels():
     yy, xx = np.mgrid[:40, :60]
     labels = np.zeros((40, 60), np.int32)

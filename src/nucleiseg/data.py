@@ -217,6 +217,8 @@ class PatchSampler:
         self.target_diameter = target_diameter
         self.rng = np.random.default_rng(seed)
         groups = groups or [im.kind for im in images]
+        if len(groups) != len(images):
+            raise ValueError(f"{len(groups)} sampling groups for {len(images)} images")
         counts = {g: groups.count(g) for g in set(groups)}
         weights = np.array([1 / np.sqrt(counts[g]) for g in groups])
         self.weights = weights / weights.sum()
@@ -311,11 +313,15 @@ def select_samples(spec: str, progress: bool = True) -> list[Sample]:
 
 def sampling_groups(cfg: TrainConfig, images: list[TrainingImage]) -> list[str] | None:
     """Each training image's group for ``PatchSampler`` where ``cfg.data.balance_sets`` asks for groups:
-    the extra_train set whose pattern its id matches, else its image type."""
+    its image type for an image of ``cfg.data.root``, else the extra_train set (folder and pattern) it is in."""
     if not cfg.data.balance_sets:
         return None
-    patterns = [os.path.basename(spec) for spec in cfg.data.extra_train]
-    return [next((p for p in patterns if fnmatch(im.id, p)), im.kind) for im in images]
+    root = set(sample_ids(cfg.data.root))
+    members = {}
+    for spec in cfg.data.extra_train:
+        folder, pattern = os.path.split(spec)
+        members[spec] = {i for i in sample_ids(folder) if fnmatch(i, pattern)}
+    return [im.kind if im.id in root else next(s for s, ids in members.items() if im.id in ids) for im in images]
 
 
 def load_split(cfg: TrainConfig, progress: bool = True) -> tuple[list[Sample], list[Sample]]:

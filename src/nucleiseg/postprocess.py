@@ -76,8 +76,8 @@ def _instances(probabilities: np.ndarray, thresholds: PostprocessConfig, diamete
 
 
 def merge_fragments(labels: np.ndarray, max_area: float) -> np.ndarray:
-    """Give each object under ``max_area`` pixels that touches others to the one it shares the longest
-    border with: a lobe of a large nucleus whose centre map has two peaks, not a nucleus of its own."""
+    """Give each object under ``max_area`` pixels that touches larger ones to the larger one it shares the
+    longest border with: a lobe of a large nucleus whose centre map has two peaks, not a nucleus of its own."""
     area = np.bincount(labels.ravel())
     small = (area > 0) & (area < max_area)
     small[0] = False
@@ -102,7 +102,7 @@ def merge_fragments(labels: np.ndarray, max_area: float) -> np.ndarray:
     first = np.r_[True, fragment[1:] != fragment[:-1]]
     target = np.arange(len(area))
     target[fragment[first]] = neighbour[first]
-    for _ in range(8):  # a fragment merged into a larger fragment follows it
+    while (target[target] != target).any():  # a fragment merged into a larger fragment follows it
         target = target[target]
     return target.astype(labels.dtype)[labels]
 
