@@ -313,15 +313,20 @@ def select_samples(spec: str, progress: bool = True) -> list[Sample]:
 
 def sampling_groups(cfg: TrainConfig, images: list[TrainingImage]) -> list[str] | None:
     """Each training image's group for ``PatchSampler`` where ``cfg.data.balance_sets`` asks for groups:
-    its image type for an image of ``cfg.data.root``, else the extra_train set (folder and pattern) it is in."""
+    the extra_train set (folder and pattern) it is in, or its image type for an image of ``cfg.data.root`` (or
+    of no extra set)."""
     if not cfg.data.balance_sets:
         return None
-    root = set(sample_ids(cfg.data.root))
+    def ids(folder: str) -> list[str]:  # none for a folder that is not there (a fine-tune's own images)
+        return sample_ids(folder) if os.path.isdir(folder) else []
+
+    root = set(ids(cfg.data.root))
     members = {}
     for spec in cfg.data.extra_train:
         folder, pattern = os.path.split(spec)
-        members[spec] = {i for i in sample_ids(folder) if fnmatch(i, pattern)}
-    return [im.kind if im.id in root else next(s for s, ids in members.items() if im.id in ids) for im in images]
+        members[spec] = {i for i in ids(folder) if fnmatch(i, pattern)}
+    return [im.kind if im.id in root else next((s for s, ids in members.items() if im.id in ids), im.kind)
+            for im in images]
 
 
 def load_split(cfg: TrainConfig, progress: bool = True) -> tuple[list[Sample], list[Sample]]:
