@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from nucleiseg.config import PostprocessConfig
-from nucleiseg.postprocess import FRAGMENT_FRACTION, clean, instances, merge_fragments
+from nucleiseg.postprocess import FRAGMENT_FRACTION, clean, instances, largest_pieces, merge_fragments
 from nucleiseg.targets import make_targets, median_diameter
 
 
@@ -46,6 +46,15 @@ def test_fragments_join_larger_neighbours_only_and_chains_end_in_the_largest():
     assert (merged[labels == 3] == 7).all() and (merged[labels == 5] == 7).all() and (merged[labels == 9] == 7).all()
     assert (merged[labels == 2] == 2).all() and (merged[labels == 6] == 4).all() and (merged[labels == 4] == 4).all()
     np.testing.assert_array_equal(merge_fragments(labels, max_area=1), labels)  # nothing under 1 px
+
+
+def test_a_fragment_beside_a_detached_piece_of_a_nucleus_stays_a_nucleus():
+    labels = np.zeros((12, 20), np.int32)
+    labels[:, :8] = 1  # a nucleus of 96 px
+    labels[0:2, 12:14] = 1  # a detached 4 px piece of it, dropped as the largest piece is kept
+    labels[2:6, 12:16] = 2  # 16 px touching only that piece
+    merged = merge_fragments(largest_pieces(labels), max_area=20)
+    assert set(np.unique(clean(merged, 5))) == {0, 1, 2}
 
 
 def test_two_touching_discs_give_two_labels():

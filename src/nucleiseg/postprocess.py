@@ -71,7 +71,8 @@ def _instances(probabilities: np.ndarray, thresholds: PostprocessConfig, diamete
     unmarked, _ = ndi.label(mask & (labels == 0))
     labels[unmarked > 0] = unmarked[unmarked > 0] + n_markers
     disc = np.pi * diameter**2 / 4
-    labels = merge_fragments(labels, FRAGMENT_FRACTION * disc)
+    # detached pieces go first, so that a fragment joins a piece that stays
+    labels = merge_fragments(largest_pieces(labels), FRAGMENT_FRACTION * disc)
     return clean(labels, thresholds.min_area_fraction * disc)
 
 
@@ -114,22 +115,26 @@ def clean(labels: np.ndarray, min_area: float) -> np.ndarray:
     area = np.bincount(labels.ravel())
     keep = (area > 0) & (area >= min_area)
     keep[0] = False
-    labels = np.where(keep[labels], labels, 0)
-    # watershed can leave detached fragments: keep the largest piece (the first of equal ones)
-    pieces, n_pieces = label(labels, connectivity=1, return_num=True)
-    if n_pieces > np.count_nonzero(keep):
-        owner = np.zeros(n_pieces + 1, np.int64)
-        owner[pieces.ravel()] = labels.ravel()
-        size = np.bincount(pieces.ravel(), minlength=n_pieces + 1)
-        order = np.lexsort((np.arange(n_pieces + 1), -size, owner))
-        largest = np.zeros(n_pieces + 1, bool)
-        largest[order[np.r_[True, owner[order][1:] != owner[order][:-1]]]] = True
-        largest[0] = False
-        labels = np.where(largest[pieces], labels, 0)
-    labels = _fill_enclosed(labels)
+    labels = _fill_enclosed(largest_pieces(np.where(keep[labels], labels, 0)))
     relabel = np.zeros(len(keep), np.int32)
     relabel[keep] = np.arange(1, np.count_nonzero(keep) + 1)
     return relabel[labels]
+
+
+def largest_pieces(labels: np.ndarray) -> np.ndarray:
+    """Keep the largest connected piece of each object (the first of equal ones): watershed can leave
+    detached fragments."""
+    pieces, n_pieces = label(labels, connectivity=1, return_num=True)
+    if n_pieces == np.count_nonzero(np.bincount(labels.ravel())[1:]):  # one piece each
+        return labels
+    owner = np.zeros(n_pieces + 1, np.int64)
+    owner[pieces.ravel()] = labels.ravel()
+    size = np.bincount(pieces.ravel(), minlength=n_pieces + 1)
+    order = np.lexsort((np.arange(n_pieces + 1), -size, owner))
+    largest = np.zeros(n_pieces + 1, bool)
+    largest[order[np.r_[True, owner[order][1:] != owner[order][:-1]]]] = True
+    largest[0] = False
+    return np.where(largest[pieces], labels, 0)
 
 
 def _fill_enclosed(labels: np.ndarray) -> np.ndarray:
