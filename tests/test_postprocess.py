@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from nucleiseg.config import PostprocessConfig
-from nucleiseg.postprocess import FRAGMENT_FRACTION, clean, instances, largest_pieces, merge_fragments
+from nucleiseg.postprocess import FRAGMENT_FRACTION, clean, instances, merge_fragments
 from nucleiseg.targets import make_targets, median_diameter
 
 
@@ -53,8 +53,7 @@ def test_a_fragment_beside_a_detached_piece_of_a_nucleus_stays_a_nucleus():
     labels[:, :8] = 1  # a nucleus of 96 px
     labels[0:2, 12:14] = 1  # a detached 4 px piece of it, dropped as the largest piece is kept
     labels[2:6, 12:16] = 2  # 16 px touching only that piece
-    merged = merge_fragments(largest_pieces(labels), max_area=20)
-    assert set(np.unique(clean(merged, 5))) == {0, 1, 2}
+    assert set(np.unique(clean(labels, 5, fragment_area=20))) == {0, 1, 2}
 
 
 def test_two_touching_discs_give_two_labels():

@@ -20,8 +20,9 @@ def instances(
 
     Markers are the connected regions where the centre map exceeds ``marker_threshold``; each grows by
     watershed on the inverted centre map inside the foreground, and a foreground region that holds no
-    marker becomes one object. Small objects that touch others are merged into them (``merge_fragments``),
-    objects smaller than ``min_area_fraction`` of a disc of ``diameter`` are removed and holes are filled.
+    marker becomes one object. Objects under ``FRAGMENT_FRACTION`` of a disc of ``diameter`` that touch larger
+    ones are merged into them, objects smaller than ``min_area_fraction`` of it are removed and holes are
+    filled (``clean``).
 
     Above ``block`` pixels per side the image is processed in overlapping blocks (see ``_blockwise``).
     """
@@ -71,9 +72,7 @@ def _instances(probabilities: np.ndarray, thresholds: PostprocessConfig, diamete
     unmarked, _ = ndi.label(mask & (labels == 0))
     labels[unmarked > 0] = unmarked[unmarked > 0] + n_markers
     disc = np.pi * diameter**2 / 4
-    # detached pieces go first, so that a fragment joins a piece that stays
-    labels = merge_fragments(largest_pieces(labels), FRAGMENT_FRACTION * disc)
-    return clean(labels, thresholds.min_area_fraction * disc)
+    return clean(labels, thresholds.min_area_fraction * disc, FRAGMENT_FRACTION * disc)
 
 
 def merge_fragments(labels: np.ndarray, max_area: float) -> np.ndarray:
@@ -108,14 +107,18 @@ def merge_fragments(labels: np.ndarray, max_area: float) -> np.ndarray:
     return target.astype(labels.dtype)[labels]
 
 
-def clean(labels: np.ndarray, min_area: float) -> np.ndarray:
-    """Drop objects under ``min_area`` pixels, keep the largest connected piece of each, fill the holes
-    that one object encloses (an object inside another's hole stays an object), relabel 1..N in the order
-    of the labels. All objects at once."""
+def clean(labels: np.ndarray, min_area: float, fragment_area: float = 0.0) -> np.ndarray:
+    """Keep the largest connected piece of each object, merge the objects under ``fragment_area`` pixels into
+    a larger one they touch (``merge_fragments``; after the pieces, so that a fragment joins a piece that
+    stays), drop objects under ``min_area`` pixels, fill the holes that one object encloses (an object inside
+    another's hole stays an object), relabel 1..N in the order of the labels. All objects at once."""
+    labels = largest_pieces(labels)
+    if fragment_area > 0:
+        labels = merge_fragments(labels, fragment_area)
     area = np.bincount(labels.ravel())
     keep = (area > 0) & (area >= min_area)
     keep[0] = False
-    labels = _fill_enclosed(largest_pieces(np.where(keep[labels], labels, 0)))
+    labels = _fill_enclosed(np.where(keep[labels], labels, 0))
     relabel = np.zeros(len(keep), np.int32)
     relabel[keep] = np.arange(1, np.count_nonzero(keep) + 1)
     return relabel[labels]
