@@ -302,10 +302,17 @@ def validation_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     return [s for s in samples if s.id not in val_ids], [s for s in samples if s.id in val_ids]
 
 
+def matching_ids(spec: str) -> list[str]:
+    """The ids of a competition-layout folder that match a pattern, ``"folder/pattern"``; none where the
+    folder is not there."""
+    folder, pattern = os.path.split(spec)
+    return [i for i in sample_ids(folder) if fnmatch(i, pattern)] if os.path.isdir(folder) else []
+
+
 def select_samples(spec: str, progress: bool = True) -> list[Sample]:
     """Samples of a competition-layout folder whose ids match a pattern: ``"folder/pattern"``."""
     folder, pattern = os.path.split(spec)
-    ids = [i for i in sample_ids(folder) if fnmatch(i, pattern)] if os.path.isdir(folder) else []
+    ids = matching_ids(spec)
     if not ids:
         raise ValueError(f"{spec}: no image folder of {folder!r} matches {pattern!r}")
     return load_dataset(folder, ids, progress=progress)
@@ -317,14 +324,9 @@ def sampling_groups(cfg: TrainConfig, images: list[TrainingImage]) -> list[str] 
     of no extra set)."""
     if not cfg.data.balance_sets:
         return None
-    def ids(folder: str) -> list[str]:  # none for a folder that is not there (a fine-tune's own images)
-        return sample_ids(folder) if os.path.isdir(folder) else []
-
-    root = set(ids(cfg.data.root))
-    members = {}
-    for spec in cfg.data.extra_train:
-        folder, pattern = os.path.split(spec)
-        members[spec] = {i for i in ids(folder) if fnmatch(i, pattern)}
+    # a folder that is not there holds none (a fine-tune's own images)
+    root = set(matching_ids(os.path.join(cfg.data.root, "*")))
+    members = {spec: set(matching_ids(spec)) for spec in cfg.data.extra_train}
     return [im.kind if im.id in root else next((s for s, ids in members.items() if im.id in ids), im.kind)
             for im in images]
 
