@@ -104,6 +104,36 @@ def test_an_int8_export_is_run_where_present_and_gives_the_float32_probabilities
     assert 0 < difference.mean() < 0.02
 
 
+@pytest.mark.parametrize("grid", [1, 2])
+def test_the_shuffle_upsampling_computes_the_network_it_is_made_from(grid):
+    """The 8-bit export's form of the U-Net (1x1 convolutions and pixel shuffles instead of transposed
+    convolutions) gives the network's logits on a real image, at either grid."""
+    import torch
+
+    from nucleiseg.network import UNet, with_shuffle_upsampling
+
+    torch.manual_seed(0)
+    network = UNet(base_channels=8, depth=3, grid=grid).eval()
+    x = torch.from_numpy(prepare_input(read_image(SAMPLES / "fluorescence_sparse.png"))[None, None, :128, :192])
+    with torch.no_grad():
+        expected, shuffled = network(x), with_shuffle_upsampling(network)(x)
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in with_shuffle_upsampling(network).modules())
+    assert torch.allclose(shuffled, expected, atol=1e-5), (shuffled - expected).abs().max()
+
+
+@pytest.mark.parametrize("path", [None, "default", "fast"])
+def test_the_int8_exports_upsample_in_8_bits(path, int8_model):
+    """No transposed convolution is left in float32 in an 8-bit export: the shipped ones are made as the
+    export makes them now."""
+    import onnx
+
+    from nucleiseg.model import load_model as load
+
+    folder = int8_model if path is None else load(path).folder
+    operators = {node.op_type for node in onnx.load(str(folder / "model_int8.onnx")).graph.node}
+    assert "ConvTranspose" not in operators and "DepthToSpace" in operators
+
+
 def test_the_int8_export_without_a_recipe_to_calibrate_on_is_one_error_line(tmp_path, onnx_model):
     done = subprocess.run([sys.executable, "-m", "nucleiseg.cli", "export", str(onnx_model), "--format", "onnx-int8",
                            "--out", str(tmp_path / "model_int8.onnx")], capture_output=True, text=True)

@@ -22,7 +22,7 @@ from PIL import Image
 from nucleiseg.data import DARK_BACKGROUND, SIZE_RANGE, input_kind, normalise, prepare_input
 from nucleiseg.io import atomic_path, read_image, to_gray
 from nucleiseg.model import TRAIN_CONFIG, WEIGHTS, ModelBundle, file_digest
-from nucleiseg.network import load_network, weights_digest
+from nucleiseg.network import load_network, weights_digest, with_shuffle_upsampling
 from nucleiseg.predict import ONE_TILE_UP_TO, WEIGHTS_FILE_KEY, WEIGHTS_KEY, torch_predictor
 
 ONNX_OPSET = 17
@@ -50,9 +50,10 @@ UNET_CITATION = ("Ronneberger, Fischer and Brox (2015) U-Net: Convolutional Netw
                  "Segmentation. MICCAI 2015.", "10.1007/978-3-319-24574-4_28")
 
 
-def export_onnx(model: ModelBundle, out: str | os.PathLike) -> None:
+def export_onnx(model: ModelBundle, out: str | os.PathLike, network: torch.nn.Module | None = None) -> None:
     """Write the network as ONNX, atomically: input ``input`` (B, C, H, W) float32, output ``logits``
     (B, K, H, W), batch, height and width dynamic (H and W multiples of ``model.size_multiple``).
+    ``network`` is another form of ``model.network`` to write (the same function), if given.
 
     The TorchScript-based exporter is used (``dynamo=False``): the dynamo one needs onnxscript, and the
     U-Net has no control flow that tracing would miss (its size check holds for every valid input).
@@ -61,7 +62,7 @@ def export_onnx(model: ModelBundle, out: str | os.PathLike) -> None:
         import onnx
     except ImportError as exc:
         raise ValueError('the onnx export needs onnx: pip install "nucleiseg[onnx]"') from exc
-    network = model.network.eval().cpu()
+    network = (network or model.network).eval().cpu()
     side = 4 * model.size_multiple
     example = torch.zeros(1, model.config.in_channels, side, side)
     dynamic = {0: "batch", 2: "height", 3: "width"}
@@ -99,9 +100,12 @@ def export_onnx_int8(model: ModelBundle, out: str | os.PathLike, samples: list |
     outputs as ``export_onnx``, with its record of the weights.
 
     The first convolution (one input channel: little arithmetic) and the head stay in float32: the head's
-    size output sets the diameter estimate. ``samples`` are the labelled images to calibrate on (default:
-    the training split of the model folder's train_config.json), ``per_type`` of each image type, each seen
-    at its nuclei's training size and as it is (as the diameter estimate sees it first).
+    size output sets the diameter estimate. The upsampling layers are written as 1x1 convolutions and pixel
+    shuffles (``network.ShuffleUpsample``), which run in 8 bits: the network 5-9% faster than with
+    transposed convolutions, which onnxruntime leaves in float32 (the float32 export keeps them: there they
+    are faster). ``samples`` are the labelled images to calibrate on (default: the training split of the
+    model folder's train_config.json), ``per_type`` of each image type, each seen at its nuclei's training
+    size and as it is (as the diameter estimate sees it first).
     """
     try:
         import onnx
@@ -128,7 +132,7 @@ def export_onnx_int8(model: ModelBundle, out: str | os.PathLike, samples: list |
             return None if crop is None else {"input": crop}
 
     with TemporaryDirectory() as tmp:
-        export_onnx(model, Path(tmp) / "float32.onnx")
+        export_onnx(model, Path(tmp) / "float32.onnx", with_shuffle_upsampling(model.network))
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(Path(tmp) / "float32.onnx"), str(prepared), skip_symbolic_shape=True)
         convolutions = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]

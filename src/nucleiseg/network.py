@@ -7,6 +7,7 @@ start-up of about 2 s in every run.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 
@@ -78,6 +79,33 @@ class UNet(nn.Module):
         if self.grid > 1:
             x = nn.functional.interpolate(x, scale_factor=self.grid, mode="bilinear", align_corners=False)
         return x
+
+
+class ShuffleUpsample(nn.Module):
+    """The ``ConvTranspose2d`` of kernel 2 and stride 2 that ``UNet`` upsamples with, as a 1x1 convolution to four
+    times the channels and a pixel shuffle: the same function (each input pixel makes its own 2x2 block), in a
+    form that onnxruntime's 8-bit quantisation runs in integers; it leaves a transposed convolution in float32
+    between conversions (a sixth of the 8-bit network's time)."""
+
+    def __init__(self, upsample: nn.ConvTranspose2d):
+        super().__init__()
+        if upsample.kernel_size != (2, 2) or upsample.stride != (2, 2) or upsample.padding != (0, 0):
+            raise ValueError(f"only a 2x2 transposed convolution of stride 2 is a pixel shuffle, not {upsample}")
+        inputs, outputs = upsample.in_channels, upsample.out_channels
+        self.conv = nn.Conv2d(inputs, 4 * outputs, 1)
+        with torch.no_grad():  # output channel c * 4 + 2 * dy + dx is pixel (dy, dx) of channel c's block
+            self.conv.weight.copy_(upsample.weight.permute(1, 2, 3, 0).reshape(4 * outputs, inputs, 1, 1))
+            self.conv.bias.copy_(upsample.bias.repeat_interleave(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pixel_shuffle(self.conv(x), 2)
+
+
+def with_shuffle_upsampling(network: UNet) -> UNet:
+    """A copy of ``network`` computing the same function with ``ShuffleUpsample`` layers (for the 8-bit export)."""
+    shuffled = copy.deepcopy(network)
+    shuffled.upsample = nn.ModuleList(ShuffleUpsample(upsample) for upsample in network.upsample)
+    return shuffled
 
 
 def select_device(name: str = "auto") -> torch.device:
