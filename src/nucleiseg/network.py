@@ -89,10 +89,12 @@ class ShuffleUpsample(nn.Module):
 
     def __init__(self, upsample: nn.ConvTranspose2d):
         super().__init__()
-        if upsample.kernel_size != (2, 2) or upsample.stride != (2, 2) or upsample.padding != (0, 0):
-            raise ValueError(f"only a 2x2 transposed convolution of stride 2 is a pixel shuffle, not {upsample}")
+        plain = (upsample.padding, upsample.output_padding, upsample.dilation, upsample.groups) == ((0, 0), (0, 0),
+                                                                                                    (1, 1), 1)
+        if upsample.kernel_size != (2, 2) or upsample.stride != (2, 2) or not plain or upsample.bias is None:
+            raise ValueError(f"only a plain 2x2 transposed convolution of stride 2 is a pixel shuffle, not {upsample}")
         inputs, outputs = upsample.in_channels, upsample.out_channels
-        self.conv = nn.Conv2d(inputs, 4 * outputs, 1)
+        self.conv = nn.Conv2d(inputs, 4 * outputs, 1).to(upsample.weight)
         with torch.no_grad():  # output channel c * 4 + 2 * dy + dx is pixel (dy, dx) of channel c's block
             self.conv.weight.copy_(upsample.weight.permute(1, 2, 3, 0).reshape(4 * outputs, inputs, 1, 1))
             self.conv.bias.copy_(upsample.bias.repeat_interleave(4))
