@@ -110,7 +110,7 @@ def test_the_shuffle_upsampling_computes_the_network_it_is_made_from(grid):
     convolutions) gives the network's logits on a real image, at either grid."""
     import torch
 
-    from nucleiseg.network import UNet, with_shuffle_upsampling
+    from nucleiseg.network import ShuffleUpsample, UNet, with_shuffle_upsampling
 
     torch.manual_seed(0)
     network = UNet(base_channels=8, depth=3, grid=grid).eval()
@@ -119,6 +119,8 @@ def test_the_shuffle_upsampling_computes_the_network_it_is_made_from(grid):
         expected, shuffled = network(x), with_shuffle_upsampling(network)(x)
     assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in with_shuffle_upsampling(network).modules())
     assert torch.allclose(shuffled, expected, atol=1e-5), (shuffled - expected).abs().max()
+    with pytest.raises(ValueError, match="plain 2x2"):  # a larger output than a pixel shuffle's
+        ShuffleUpsample(torch.nn.ConvTranspose2d(4, 2, 2, stride=2, output_padding=1))
 
 
 def _upsampling_in_8_bits(path: Path) -> bool:
