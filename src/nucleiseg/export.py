@@ -62,7 +62,7 @@ def export_onnx(model: ModelBundle, out: str | os.PathLike, network: torch.nn.Mo
         import onnx
     except ImportError as exc:
         raise ValueError('the onnx export needs onnx: pip install "nucleiseg[onnx]"') from exc
-    network = (network or model.network).eval().cpu()
+    network = (model.network if network is None else network).eval().cpu()
     side = 4 * model.size_multiple
     example = torch.zeros(1, model.config.in_channels, side, side)
     dynamic = {0: "batch", 2: "height", 3: "width"}
@@ -104,8 +104,8 @@ def export_onnx_int8(model: ModelBundle, out: str | os.PathLike, samples: list |
     shuffles (``network.ShuffleUpsample``), which run in 8 bits: the default's network 5-9% faster (fast's
     4%) than with transposed convolutions, which onnxruntime leaves in float32 (the float32 export keeps
     them: there they are faster). ``samples`` are the labelled images to calibrate on (default: the training
-    split of the model folder's train_config.json), ``per_type`` of each image type, each seen at its nuclei's training
-    size and as it is (as the diameter estimate sees it first).
+    split of the model folder's train_config.json), ``per_type`` of each image type, each seen at its nuclei's
+    training size and as it is (as the diameter estimate sees it first).
     """
     try:
         import onnx

@@ -89,9 +89,8 @@ class ShuffleUpsample(nn.Module):
 
     def __init__(self, upsample: nn.ConvTranspose2d):
         super().__init__()
-        plain = (upsample.padding, upsample.output_padding, upsample.dilation, upsample.groups) == ((0, 0), (0, 0),
-                                                                                                    (1, 1), 1)
-        if upsample.kernel_size != (2, 2) or upsample.stride != (2, 2) or not plain or upsample.bias is None:
+        shape = (upsample.kernel_size, upsample.stride, upsample.padding, upsample.output_padding, upsample.dilation)
+        if shape != ((2, 2), (2, 2), (0, 0), (0, 0), (1, 1)) or upsample.groups != 1 or upsample.bias is None:
             raise ValueError(f"only a plain 2x2 transposed convolution of stride 2 is a pixel shuffle, not {upsample}")
         inputs, outputs = upsample.in_channels, upsample.out_channels
         self.conv = nn.Conv2d(inputs, 4 * outputs, 1).to(upsample.weight)
