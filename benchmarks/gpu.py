@@ -20,29 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from throughput import TimedPredictor  # its output is on the CPU: the GPU has finished when a call returns
 
 from nucleiseg.io import load_dataset
 from nucleiseg.metrics import match
 from nucleiseg.segment import Segmenter
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018" / "stage1_test"
-
-
-class TimedPredictor:
-    """Wraps a predictor and adds up the seconds spent in it (its output is on the CPU, so the GPU's work
-    is finished when a call returns)."""
-
-    def __init__(self, predictor):
-        self.predictor, self.seconds = predictor, 0.0
-
-    def __getattr__(self, name):
-        return getattr(self.predictor, name)
-
-    def __call__(self, batch):
-        started = time.perf_counter()
-        out = self.predictor(batch)
-        self.seconds += time.perf_counter() - started
-        return out
 
 
 def run(images: list[np.ndarray], model: str, device: str, **settings) -> tuple[list[np.ndarray], dict]:

@@ -357,12 +357,15 @@ def _tune(args) -> int:
         raise ValueError(f"{config}: no training config; give the one the model was trained with (--config)")
     _, val = load_split(load_json(TrainConfig, config))
     model = load_model(folder)
-    best, report = tune_thresholds(model, val)
-    best.tuned_on = f"validation split of {config.name} ({report.n_images} images)"
-    save_json(best, folder / "thresholds.json")
-    print(f"thresholds {best} give DSB score {report.dsb_score:.4f} on {report.n_images} validation images")
-    # stained images get their own: the network's maps are less sure on them
+    # stained images get thresholds of their own (the network's maps are less sure on them), so the general
+    # ones are tuned on the images they will serve: the others, or all when every image is stained
     stained = [s for s in val if input_kind(s.image) == STAIN]
+    others = [s for s in val if input_kind(s.image) != STAIN] or val
+    best, report = tune_thresholds(model, others)
+    kind = "" if others is val else "unstained images of the "
+    best.tuned_on = f"{kind}validation split of {config.name} ({report.n_images} images)"
+    save_json(best, folder / "thresholds.json")
+    print(f"thresholds {best} give DSB score {report.dsb_score:.4f} on {report.n_images} {kind}validation split")
     if stained:
         best, report = tune_thresholds(model, stained)
         best.tuned_on = f"stained images of the validation split of {config.name} ({report.n_images} images)"
