@@ -359,13 +359,15 @@ def _tune(args) -> int:
     model = load_model(folder)
     # stained images get thresholds of their own (the network's maps are less sure on them), so the general
     # ones are tuned on the images they will serve: the others, or all when every image is stained
-    stained = [s for s in val if input_kind(s.image) == STAIN]
-    others = [s for s in val if input_kind(s.image) != STAIN] or val
+    stained, unstained = [], []
+    for s in val:
+        (stained if input_kind(s.image) == STAIN else unstained).append(s)
+    others = unstained or val
     best, report = tune_thresholds(model, others)
     kind = "" if others is val else "unstained images of the "
     best.tuned_on = f"{kind}validation split of {config.name} ({report.n_images} images)"
     save_json(best, folder / "thresholds.json")
-    print(f"thresholds {best} give DSB score {report.dsb_score:.4f} on {report.n_images} {kind}validation split")
+    print(f"thresholds {best} give DSB score {report.dsb_score:.4f} on the {best.tuned_on}")
     if stained:
         best, report = tune_thresholds(model, stained)
         best.tuned_on = f"stained images of the validation split of {config.name} ({report.n_images} images)"
